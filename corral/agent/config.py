@@ -1,0 +1,196 @@
+"""The agent's typed configuration: a TOML file, overridden by command-line flags.
+
+Every limit and timeout the agent uses lives here (DESIGN §10), not as literals in the code.
+A complete example with comments is ``packaging/agent.example.toml``::
+
+    server = "https://corral.example.com"
+    enroll_token = "..."                 # or enroll_token_file = "/etc/corral/enroll-token"
+    state_dir = "/var/lib/corral-agent"
+
+    [backoff]
+    base = 1.0
+    cap = 300.0
+
+    [attributes]
+    site = "berlin"
+
+Loading goes: file (``tomllib``) → flags replace the keys they set → one validation pass. Any
+problem (missing file, TOML syntax, unknown key, wrong type, out-of-range value) raises
+:class:`corral.errors.InvalidInput` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+from corral.errors import InvalidInput
+
+DEFAULT_STATE_DIR = Path("/var/lib/corral-agent")
+DEFAULT_CONFIG_FILE = Path("/etc/corral/agent.toml")
+DEVICE_CONNECT_PATH = "/device/v1/connect"
+
+AttributeValue = str | int | float | bool
+
+
+class BackoffConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Reconnect backoff (see :mod:`corral.core.backoff`), in seconds."""
+
+    base: float = 1.0
+    cap: float = 300.0
+    #: a session that stayed up this long resets the backoff to the shortest window
+    reset_after: float = 60.0
+
+
+class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: the Corral server (or gateway): http(s)://host[:port][/prefix]; ws(s):// also accepted
+    server: str
+    #: holds the device key and state; created 0700
+    state_dir: Path = DEFAULT_STATE_DIR
+    #: presented until the device is accepted; without one the device enrolls as ``pending``
+    enroll_token: str | None = None
+    #: read the token from this file instead (keeps it out of the config and the process list)
+    enroll_token_file: Path | None = None
+    #: TCP + TLS + WebSocket opening handshake, and separately the Corral handshake
+    connect_timeout: float = 10.0
+    #: how long to wait for the server's close frame when the agent closes
+    close_timeout: float = 2.0
+    #: no frame from the server for this many heartbeat intervals → reconnect
+    heartbeat_timeout_factor: float = 2.5
+    #: the largest frame accepted from the server (bytes)
+    max_frame_bytes: int = 1024 * 1024
+    #: permessage-deflate; off by default: frames are small and zlib state costs ~100 KiB/socket
+    compression: bool = False
+    #: what the ``reboot`` command runs on a real device
+    reboot_command: tuple[str, ...] = ("systemctl", "reboot")
+    #: replaces the detected hardware model in the inventory
+    model: str | None = None
+    #: extra inventory attributes (merged over the detected ones), e.g. site = "berlin"
+    attributes: dict[str, AttributeValue] = {}
+    backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
+    log_level: str = "info"
+
+    @property
+    def device_url(self) -> str:
+        """The device WebSocket endpoint derived from :attr:`server`."""
+        return device_ws_url(self.server)
+
+    def token(self) -> str | None:
+        """The enrollment token, reading :attr:`enroll_token_file` if that is how it is given."""
+        if self.enroll_token:
+            return self.enroll_token
+        if self.enroll_token_file is not None:
+            try:
+                text = self.enroll_token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise InvalidInput(
+                    f"enroll_token_file {self.enroll_token_file}: {exc.strerror or exc}"
+                ) from None
+            return text or None
+        return None
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def device_ws_url(server: str) -> str:
+    """``https://host/prefix`` → ``wss://host/prefix/device/v1/connect``."""
+    parts = urlsplit(server.strip())
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.hostname:
+        raise InvalidInput(f"server URL {server!r} must look like https://host[:port]")
+    path = parts.path.rstrip("/")
+    if not path.endswith(DEVICE_CONNECT_PATH):
+        path += DEVICE_CONNECT_PATH
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if tp is Path and isinstance(obj, str | Path):
+        return Path(obj)
+    raise ValueError(f"Expected a path string, got {type(obj).__name__}")
+
+
+def _validate(cfg: AgentConfig) -> None:
+    device_ws_url(cfg.server)  # raises with a clear message
+    b = cfg.backoff
+    checks: list[tuple[bool, str]] = [
+        (cfg.connect_timeout > 0, f"connect_timeout must be > 0, got {cfg.connect_timeout}"),
+        (cfg.close_timeout > 0, f"close_timeout must be > 0, got {cfg.close_timeout}"),
+        (
+            cfg.heartbeat_timeout_factor > 1,
+            f"heartbeat_timeout_factor must be > 1, got {cfg.heartbeat_timeout_factor}",
+        ),
+        (cfg.max_frame_bytes >= 1024, f"max_frame_bytes must be >= 1024, got {cfg.max_frame_bytes}"),
+        (len(cfg.reboot_command) > 0 and all(cfg.reboot_command), "reboot_command must not be empty"),
+        (b.base > 0, f"backoff.base must be > 0, got {b.base}"),
+        (b.cap >= b.base, f"backoff.cap must be >= backoff.base ({b.base}), got {b.cap}"),
+        (b.reset_after >= 0, f"backoff.reset_after must be >= 0, got {b.reset_after}"),
+        (cfg.log_level in _LOG_LEVELS, f"log_level must be one of {', '.join(_LOG_LEVELS)}"),
+        (
+            cfg.enroll_token is None or cfg.enroll_token_file is None,
+            "give enroll_token or enroll_token_file, not both",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InvalidInput(f"invalid agent config: {message}")
+    if str(cfg.state_dir) == "":
+        raise InvalidInput("invalid agent config: state_dir must not be empty")
+
+
+def config_from_dict(data: dict[str, Any]) -> AgentConfig:
+    """Validate a mapping (as read from TOML) into an :class:`AgentConfig`."""
+    if not data.get("server"):
+        raise InvalidInput("no server URL: pass --server or set `server` in the config file")
+    try:
+        cfg = msgspec.convert(data, AgentConfig, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"invalid agent config: {exc}") from None
+    cfg = msgspec.structs.replace(cfg, log_level=cfg.log_level.lower())
+    _validate(cfg)
+    return cfg
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise InvalidInput(f"config file {path}: not found") from None
+    except OSError as exc:
+        raise InvalidInput(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"config file {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"config file {path}: not UTF-8 text") from None
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    server: str | None = None,
+    enroll_token: str | None = None,
+    state_dir: Path | str | None = None,
+    **overrides: Any,
+) -> AgentConfig:
+    """Read the TOML file (if any), let flags that were given replace its keys, validate.
+
+    ``overrides`` are further top-level keys (``None`` values are ignored), so the CLI can
+    pass every flag straight through.
+    """
+    data: dict[str, Any] = dict(read_config_file(Path(path))) if path is not None else {}
+    flags: dict[str, Any] = {"server": server, "enroll_token": enroll_token, **overrides}
+    if state_dir is not None:
+        flags["state_dir"] = str(state_dir)
+    for key, value in flags.items():
+        if value is not None:
+            data[key] = value
+    if data.get("enroll_token") and "enroll_token_file" in data and enroll_token is not None:
+        # a token on the command line wins over a token file named in the config
+        del data["enroll_token_file"]
+    return config_from_dict(data)

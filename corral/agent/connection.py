@@ -1,0 +1,406 @@
+"""The agent's connection loop: connect, prove identity, stay connected, obey commands.
+
+One :class:`Agent` drives one device's WebSocket (DESIGN §3)::
+
+    loop:
+        connect {server}/device/v1/connect  (subprotocol corral.v1, binary msgpack frames)
+        ← challenge   → hello (signed nonce, enrollment token until accepted)   ← welcome
+        → inventory
+        loop: → heartbeat every heartbeat_interval; ← heartbeat_ack / status / command ...
+        on close: refused (4403) → stop for good; otherwise wait a backoff delay and reconnect
+
+Design points:
+
+* **One task per agent.** Heartbeats are sent from the receive loop, which waits for the next
+  frame with a deadline (the next heartbeat, or the silence limit), so an idle agent costs one
+  suspended task and its socket. That is what lets ``corral sim`` run 10,000 agents in a process.
+  Only commands get a short-lived task each, so a slow handler never delays heartbeats.
+* **Full-jitter backoff** (:mod:`corral.core.backoff`) between attempts; the first attempt after
+  start or after a long-lived session is immediate / short, repeated failures widen the window.
+* **Silence detection**: no frame at all from the server for ``heartbeat_timeout_factor``
+  times ``heartbeat_interval`` (a dead NAT mapping, a half-open TCP connection) → close and reconnect.
+  WebSocket pings are off: the heartbeat already does that job.
+* **Decisions separate from the socket**: :func:`build_hello`, :func:`close_action` and the
+  command registry are plain functions/objects, tested without a network.
+* **Stopping** is cancellation: the task closes its socket with 1001 (going away) and ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.typing import Subprotocol
+
+import corral
+from corral import protocol
+from corral.agent.commands import BUILTIN_COMMANDS, CommandRegistry
+from corral.agent.config import AgentConfig
+from corral.agent.identity import AgentState, Identity, StateStore
+from corral.agent.platform.base import Platform
+from corral.core.backoff import Backoff, BackoffPolicy
+
+log = logging.getLogger("corral.agent")
+
+CloseCode = protocol.CloseCode
+
+#: shared by every agent of a process: the codec holds no per-connection state
+_CODEC = protocol.Codec()
+
+#: heartbeat intervals a server may ask for are clamped to this range (seconds)
+MIN_HEARTBEAT_INTERVAL = 0.01
+MAX_HEARTBEAT_INTERVAL = 3600.0
+
+#: server → agent message types the receive loop acts on; anything else is ignored (newer server)
+_HANDLED_TYPES = frozenset({"command", "status", "heartbeat_ack", "error", "welcome", "challenge"})
+
+
+class Outcome(enum.Enum):
+    """Why :meth:`Agent.run` returned (it otherwise runs until cancelled)."""
+
+    REFUSED = "refused"
+
+
+class CloseAction(enum.Enum):
+    RECONNECT = "reconnect"
+    STOP = "stop"
+
+
+_CLOSE_MESSAGES: dict[int, str] = {
+    CloseCode.NORMAL: "the server closed the connection",
+    CloseCode.GOING_AWAY: "the server went away",
+    CloseCode.TOO_BIG: "a frame was too large for the server",
+    CloseCode.SERVER_SHUTDOWN: "the server is shutting down",
+    CloseCode.MALFORMED: "the server could not understand this agent",
+    CloseCode.AUTH_FAILED: (
+        "authentication failed (wrong, expired or used-up enrollment token, or unknown key)"
+    ),
+    CloseCode.REFUSED: "refused by the server: the device was rejected or decommissioned",
+    CloseCode.TIMEOUT: "the server timed the session out",
+    CloseCode.REPLACED: "replaced by another connection of this device",
+    CloseCode.RATE_LIMITED: "rate limited by the server",
+}
+
+
+def close_action(code: int | None) -> tuple[CloseAction, str]:
+    """What the agent does after the server closed with ``code`` (``None``: no close frame)."""
+    if code is not None and code in protocol.PERMANENT_CLOSE_CODES:
+        return CloseAction.STOP, _CLOSE_MESSAGES.get(code, f"refused (close code {code})")
+    if code is None:
+        return CloseAction.RECONNECT, "connection lost"
+    return CloseAction.RECONNECT, _CLOSE_MESSAGES.get(code, f"closed with code {code}")
+
+
+def build_hello(
+    identity: Identity,
+    challenge: protocol.Challenge,
+    enroll_token: str | None,
+    agent_version: str = corral.__version__,
+) -> protocol.Hello:
+    """Answer a challenge: sign (nonce, device id, public key) with the device key."""
+    payload = protocol.hello_signing_payload(challenge.nonce, identity.device_id, identity.public_key_raw)
+    return protocol.Hello(
+        device_id=identity.device_id,
+        public_key=identity.public_key_raw,
+        signature=identity.sign(payload),
+        agent_version=agent_version,
+        enroll_token=enroll_token or None,
+    )
+
+
+class _SessionEnd(Exception):
+    """The agent itself ends the session (silence, malformed frame, refusal in a welcome)."""
+
+    def __init__(self, code: int, reason: str, action: CloseAction = CloseAction.RECONNECT) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.action = action
+
+
+class Agent:
+    """One device's connection to the server. :meth:`run` until it returns or is cancelled.
+
+    Observable state (read by the simulator's summary): :attr:`connected`, :attr:`status`,
+    :attr:`last_close_code`.
+    """
+
+    __slots__ = (
+        "_auth_failed",
+        "_reboot_requested",
+        "_tasks",
+        "_token",
+        "_ws",
+        "backoff",
+        "commands",
+        "config",
+        "connected",
+        "identity",
+        "last_close_code",
+        "platform",
+        "status",
+        "store",
+    )
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: Identity,
+        platform: Platform,
+        *,
+        store: StateStore | None = None,
+        commands: CommandRegistry = BUILTIN_COMMANDS,
+        rng: random.Random | None = None,
+        enroll_token: str | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.platform = platform
+        self.store = store
+        self.commands = commands
+        b = config.backoff
+        self.backoff = Backoff(BackoffPolicy(b.base, b.cap, b.reset_after), rng)
+        self._token = enroll_token if enroll_token is not None else config.enroll_token
+        self._ws: ClientConnection | None = None
+        self._tasks: set[asyncio.Task[None]] | None = None
+        self._reboot_requested = False
+        self._auth_failed = False
+        self.connected = False
+        self.status: str | None = store.state.status if store is not None else None
+        self.last_close_code: int | None = None
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> Outcome:
+        """Connect and stay connected, reconnecting with backoff; returns only when refused."""
+        loop = asyncio.get_running_loop()
+        while True:
+            action, why = await self._connect_once()
+            self.backoff.disconnected(loop.time())
+            if action is CloseAction.STOP:
+                log.error("device %s: %s", self.identity.device_id, why)
+                return Outcome.REFUSED
+            if self._reboot_requested:
+                self._reboot_requested = False
+                await self._reboot()
+                self.backoff.reset()
+                continue  # a freshly booted device connects at once
+            delay = self.backoff.next_delay()
+            log.info("device %s: %s; reconnecting in %.1f s", self._tag, why, delay)
+            await asyncio.sleep(delay)
+
+    @property
+    def _tag(self) -> str:
+        return self.identity.device_id[:12]
+
+    def _hello_token(self) -> str | None:
+        """The enrollment token goes with hello until the server has accepted this device
+        (and again after an auth failure, e.g. a server that lost its database)."""
+        if not self._token:
+            return None
+        enrolled = self.store.state.enrolled if self.store is not None else self.status == "accepted"
+        return None if enrolled and not self._auth_failed else self._token
+
+    async def _connect_once(self) -> tuple[CloseAction, str]:
+        cfg = self.config
+        url = cfg.device_url
+        try:
+            async with connect(
+                url,
+                subprotocols=[Subprotocol(protocol.PROTOCOL)],
+                max_size=cfg.max_frame_bytes,
+                open_timeout=cfg.connect_timeout,
+                close_timeout=cfg.close_timeout,
+                ping_interval=None,  # the heartbeat detects dead connections
+                compression="deflate" if cfg.compression else None,
+                user_agent_header=f"corral-agent/{corral.__version__}",
+            ) as ws:
+                self._ws = ws
+                try:
+                    await self._session(ws)
+                except _SessionEnd as end:
+                    await ws.close(end.code, end.reason)
+                    return end.action, end.reason
+                except asyncio.CancelledError:
+                    await ws.close(CloseCode.GOING_AWAY, "agent stopping")
+                    raise
+                finally:
+                    self.connected = False
+                    self._ws = None
+                    await self._cancel_tasks()
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else None
+            self.last_close_code = code
+            self._auth_failed = code == CloseCode.AUTH_FAILED
+            return close_action(code)
+        except InvalidStatus as exc:
+            return CloseAction.RECONNECT, f"{url} answered HTTP {exc.response.status_code}"
+        except TimeoutError:  # (a subclass of OSError: first)
+            return CloseAction.RECONNECT, f"timed out connecting to {url}"
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            return CloseAction.RECONNECT, f"cannot connect to {url}: {exc}"
+        except Exception:  # a bug must not kill a device's only way home
+            log.exception("device %s: unexpected error in the connection", self._tag)
+            return CloseAction.RECONNECT, "internal error"
+        return CloseAction.RECONNECT, "connection ended"
+
+    async def _session(self, ws: ClientConnection) -> None:
+        welcome = await self._handshake(ws)
+        loop = asyncio.get_running_loop()
+        if welcome.status in ("rejected", "decommissioned"):
+            # servers close with 4403 instead; a welcome saying so means the same
+            _, why = close_action(CloseCode.REFUSED)
+            raise _SessionEnd(CloseCode.NORMAL, why, CloseAction.STOP)
+        self.connected = True
+        self.last_close_code = None
+        self._auth_failed = False
+        self.backoff.connected(loop.time())
+        await self._set_status(welcome.status, device_id=welcome.device_id)
+        log.info(
+            "device %s: connected to %s (%s, session %s)",
+            self._tag, self.config.server, welcome.status, welcome.session_id,
+        )
+        await self.send_inventory()
+        interval = min(max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL), MAX_HEARTBEAT_INTERVAL)
+        await self._serve(ws, interval)
+
+    async def _handshake(self, ws: ClientConnection) -> protocol.Welcome:
+        async with asyncio.timeout(self.config.connect_timeout):
+            _, challenge = self._decode(await ws.recv())
+            if not isinstance(challenge, protocol.Challenge):
+                raise _SessionEnd(CloseCode.MALFORMED, "expected a challenge")
+            if challenge.protocol != protocol.PROTOCOL:
+                log.warning("device %s: server speaks %s", self._tag, challenge.protocol)
+            hello = build_hello(self.identity, challenge, self._hello_token())
+            await ws.send(_CODEC.encode(hello))
+            while True:
+                _, body = self._decode(await ws.recv())
+                if isinstance(body, protocol.Welcome):
+                    if body.device_id and body.device_id != self.identity.device_id:
+                        log.warning("device %s: server welcomed %s", self._tag, body.device_id)
+                    return body
+                if isinstance(body, protocol.Error):
+                    log.warning("device %s: server error %s: %s", self._tag, body.code, body.message)
+
+    def _decode(self, frame: bytes | str) -> tuple[str | None, msgspec.Struct | None]:
+        """Decode a frame into (envelope id, body); body ``None`` for a type this agent does not
+        know (a newer server). A malformed frame ends the session."""
+        try:
+            env = _CODEC.decode_envelope(frame)
+            if env.type not in _HANDLED_TYPES:
+                log.debug("device %s: ignoring %r frame", self._tag, env.type)
+                return env.id, None
+            return env.id, _CODEC.decode_body(env, binary=not isinstance(frame, str))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise _SessionEnd(CloseCode.MALFORMED, f"malformed frame from the server: {exc}") from None
+
+    async def _serve(self, ws: ClientConnection, interval: float) -> None:
+        """Receive frames and send heartbeats until the connection ends."""
+        loop = asyncio.get_running_loop()
+        silence_limit = interval * self.config.heartbeat_timeout_factor
+        last_rx = loop.time()
+        next_beat = last_rx + interval
+        seq = 0
+        while True:
+            now = loop.time()
+            if now >= next_beat:
+                seq += 1
+                await ws.send(_CODEC.encode(protocol.Heartbeat(seq=seq)))
+                next_beat = max(next_beat + interval, now)  # no burst after a stall
+                continue
+            if now - last_rx >= silence_limit:
+                raise _SessionEnd(CloseCode.TIMEOUT, f"no frame from the server for {silence_limit:.1f} s")
+            try:
+                async with asyncio.timeout_at(min(next_beat, last_rx + silence_limit)):
+                    frame = await ws.recv()
+            except TimeoutError:
+                continue
+            last_rx = loop.time()
+            envelope_id, body = self._decode(frame)
+            if isinstance(body, protocol.Command):
+                self._on_command(envelope_id, body)
+            elif isinstance(body, protocol.Status):
+                await self._set_status(body.status)
+                log.info("device %s: status is now %s", self._tag, body.status)
+            elif isinstance(body, protocol.Error):
+                log.warning("device %s: server error %s: %s", self._tag, body.code, body.message)
+
+    # --- state --------------------------------------------------------------------------------
+
+    async def _set_status(self, status: str, device_id: str | None = None) -> None:
+        self.status = status
+        store = self.store
+        if store is None:
+            return
+        changes: dict[str, Any] = {"status": status, "device_id": self.identity.device_id}
+        if status == "accepted":
+            changes["enrolled"] = True
+        elif status == "pending" and self._token:
+            # a server that forgot us (new database): present the token again next time
+            changes["enrolled"] = False
+        new: AgentState = msgspec.structs.replace(store.state, **changes)
+        if new != store.state:
+            store.state = new  # in memory first; the (fsync'd) write happens off the event loop
+            await asyncio.to_thread(store.save, new)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def _on_command(self, envelope_id: str | None, command: protocol.Command) -> None:
+        if self._tasks is None:
+            self._tasks = set()
+        task = asyncio.get_running_loop().create_task(self._run_command(envelope_id, command))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_command(self, envelope_id: str | None, command: protocol.Command) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        try:
+            await ws.send(_CODEC.encode(protocol.CommandAck(), id=envelope_id))
+            result = await self.commands.run(self, command)
+            await ws.send(_CODEC.encode(result, id=envelope_id))
+            if self._reboot_requested:
+                log.warning("device %s: rebooting on request of the server", self._tag)
+                await ws.close(CloseCode.GOING_AWAY, "rebooting")
+        except ConnectionClosed:
+            pass  # the receive loop sees the close and handles it
+
+    async def _cancel_tasks(self) -> None:
+        tasks = self._tasks
+        if not tasks:
+            return
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = None
+
+    # CommandHost interface
+
+    async def send_inventory(self) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        inv = self.platform.inventory()
+        cfg = self.config
+        if cfg.model:
+            inv.model = cfg.model
+        if cfg.attributes:
+            inv.attributes = {**inv.attributes, **cfg.attributes}
+        await ws.send(_CODEC.encode(inv))
+
+    def request_reboot(self) -> None:
+        self._reboot_requested = True
+
+    async def _reboot(self) -> None:
+        try:
+            await self.platform.reboot()
+        except Exception as exc:
+            log.error("device %s: reboot failed: %s", self._tag, exc)
+

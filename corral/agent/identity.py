@@ -1,0 +1,226 @@
+"""The device's identity and its small persistent state, both in the state dir (DESIGN §2).
+
+On first start the agent generates an Ed25519 key pair and writes the private key to
+``<state_dir>/device.key`` (PKCS#8 PEM, mode 0600, directory 0700). The device ID is a
+fingerprint of the public key (:func:`corral.protocol.device_id_for`), so it is stable for as
+long as the key file exists, and the private key never leaves the device.
+
+Files are written atomically: a temp file in the same directory, ``fsync``, then a rename (or,
+for the key, a hard link, which fails instead of replacing a key another process created at the
+same moment), then an ``fsync`` of the directory. A power cut leaves the old file or the new
+one, never half of one. Permissions that are too open are warned about and tightened.
+
+``state.json`` keeps what the agent learnt from the server (enrolled or not, last admission
+status) so that a restarted agent knows whether it still needs to present its enrollment token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import msgspec
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from corral import protocol
+from corral.errors import InvalidInput
+
+log = logging.getLogger("corral.agent.identity")
+
+KEY_FILE = "device.key"
+STATE_FILE = "state.json"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (0700) or tighten an existing one that others can read."""
+    try:
+        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("state dir %s had mode %o; setting it to %o", path, mode, DIR_MODE)
+            path.chmod(DIR_MODE)
+    except OSError as exc:
+        raise InvalidInput(f"state dir {path}: {exc.strerror or exc}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not every platform/filesystem lets a directory be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_temp(path: Path, data: bytes, mode: int) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
+    tmp = _write_temp(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _create_exclusive(path: Path, data: bytes, mode: int = FILE_MODE) -> bool:
+    """Atomically create ``path`` unless it exists; False if another writer got there first."""
+    tmp = _write_temp(path, data, mode)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:
+        # filesystems without hard links: fall back to rename (last writer wins)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+    return True
+
+
+def _tighten_file(path: Path) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("%s had mode %o; setting it to %o", path, mode, FILE_MODE)
+        path.chmod(FILE_MODE)
+
+
+class Identity:
+    """The device key: :attr:`public_key_raw`, :attr:`device_id` and :meth:`sign`."""
+
+    __slots__ = ("_key", "device_id", "key_path", "public_key_raw")
+
+    def __init__(self, key: Ed25519PrivateKey, key_path: Path | None = None) -> None:
+        self._key = key
+        self.key_path = key_path
+        self.public_key_raw: bytes = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.device_id: str = protocol.device_id_for(self.public_key_raw)
+
+    def sign(self, payload: bytes) -> bytes:
+        return self._key.sign(payload)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """A fresh in-memory identity (tests)."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path) -> Identity:
+        """Load ``state_dir/device.key``, generating it (and the dir) on first start."""
+        ensure_private_dir(state_dir)
+        path = state_dir / KEY_FILE
+        if not path.exists():
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            try:
+                created = _create_exclusive(path, pem)
+            except OSError as exc:
+                raise InvalidInput(f"cannot write device key {path}: {exc.strerror or exc}") from None
+            if created:
+                log.info("generated a new device key in %s", path)
+                return cls(key, path)
+            # another process created it first: use theirs, so there is only one identity
+        return cls(cls._read_key(path), path)
+
+    @staticmethod
+    def _read_key(path: Path) -> Ed25519PrivateKey:
+        try:
+            _tighten_file(path)
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read device key {path}: {exc.strerror or exc}") from None
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            # never replace it silently: that would change the device's identity
+            raise InvalidInput(
+                f"device key {path} is not a readable PEM private key; move it away to make a new identity"
+            ) from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise InvalidInput(f"device key {path} is not an Ed25519 key")
+        return key
+
+
+class AgentState(msgspec.Struct, omit_defaults=True):
+    """What the agent remembers between runs."""
+
+    device_id: str = ""
+    #: the server accepted this device once: stop presenting the enrollment token
+    enrolled: bool = False
+    #: last admission status the server reported
+    status: str | None = None
+
+
+class StateStore:
+    """``state_dir/state.json``, read once and rewritten (atomically) only when it changes."""
+
+    __slots__ = ("path", "state")
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / STATE_FILE
+        self.state = self._load()
+
+    def _load(self) -> AgentState:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return AgentState()
+        except OSError as exc:
+            log.warning("cannot read %s (%s); starting with empty state", self.path, exc.strerror or exc)
+            return AgentState()
+        try:
+            return msgspec.json.decode(data, type=AgentState)
+        except msgspec.DecodeError as exc:
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+            return AgentState()
+
+    def save(self, state: AgentState) -> None:
+        """Write ``state`` (atomically, fsync'd) and keep it as the current state."""
+        atomic_write(self.path, msgspec.json.encode(state) + b"\n")
+        self.state = state
+
+    def update(self, **changes: object) -> bool:
+        """Apply ``changes``; write the file only if anything differs. Returns whether it wrote."""
+        new = msgspec.structs.replace(self.state, **changes)
+        if new == self.state:
+            return False
+        self.save(new)
+        return True

@@ -1,0 +1,156 @@
+"""``corral agent``: run one device's agent until stopped.
+
+:func:`run_agent` is the async entry point (tests, embedding); :func:`main_agent` is what the
+CLI calls: it loads the config (file + flags), sets up logging, installs SIGTERM/SIGINT
+handlers, runs on uvloop when installed, and returns the process exit code:
+
+    0   stopped by a signal (or the ``stop`` event)
+    1   a permanent error, printed on stderr in one line: the server refused this device
+        (rejected or decommissioned) or the configuration is invalid; restarting will not help
+    70  an internal error (a bug; the traceback is logged); a service manager should restart
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from corral.agent.config import AgentConfig, load_config
+from corral.agent.connection import Agent, Outcome
+from corral.agent.identity import Identity, StateStore
+from corral.agent.platform.base import Platform
+from corral.errors import CorralError
+
+log = logging.getLogger("corral.agent")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+
+T = TypeVar("T")
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _load_identity(state_dir: Path) -> tuple[Identity, StateStore]:
+    return Identity.load_or_create(state_dir), StateStore(state_dir)
+
+
+async def run_agent(
+    config: AgentConfig, platform: Platform | None = None, stop: asyncio.Event | None = None
+) -> int:
+    """Run the agent until ``stop`` is set (→ 0) or the server refuses the device (→ 1)."""
+    try:
+        identity, store = await asyncio.to_thread(_load_identity, config.state_dir)
+        token = config.token()
+    except CorralError as exc:
+        _error(exc.detail)
+        return EXIT_ERROR
+    if platform is None:
+        from corral.agent.platform.linux import LinuxPlatform
+
+        platform = LinuxPlatform(config.state_dir, config.reboot_command)
+    agent = Agent(config, identity, platform, store=store, enroll_token=token)
+    log.info("device %s (agent %s) connecting to %s", identity.device_id, _version(), config.device_url)
+
+    if stop is None:
+        outcome = await agent.run()
+    else:
+        task = asyncio.create_task(agent.run())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, stopper):
+                t.cancel()
+            await asyncio.gather(task, stopper, return_exceptions=True)
+        if task.cancelled():
+            log.info("device %s: agent stopped", identity.device_id)
+            return EXIT_OK
+        outcome = task.result()
+    if outcome is Outcome.REFUSED:
+        _error(
+            f"device {identity.device_id} was refused by the server (rejected or decommissioned); "
+            "not retrying"
+        )
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _version() -> str:
+    import corral
+
+    return corral.__version__
+
+
+def setup_logging(level: str = "info") -> None:
+    """Log to stderr unless the embedding program configured logging already."""
+    root = logging.getLogger()
+    if not root.handlers:
+        # under systemd the journal stamps each line already
+        fmt = "%(levelname)s %(name)s: %(message)s"
+        if not os.environ.get("JOURNAL_STREAM"):
+            fmt = "%(asctime)s " + fmt
+        logging.basicConfig(stream=sys.stderr, format=fmt)
+    logging.getLogger("corral").setLevel(level.upper())
+
+
+def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main(stop)`` on uvloop (when installed) with SIGTERM/SIGINT setting ``stop``."""
+
+    async def wrapper() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            return await main(stop)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(wrapper())
+
+
+def main_agent(
+    config: AgentConfig | None = None,
+    *,
+    config_file: Path | str | None = None,
+    server: str | None = None,
+    enroll_token: str | None = None,
+    state_dir: Path | str | None = None,
+) -> int:
+    """The ``corral agent`` command: already-parsed flags in, exit code out.
+
+    Pass a ready ``config``, or the flags (``config_file`` is read first, flags override it).
+    """
+    try:
+        if config is None:
+            config = load_config(config_file, server=server, enroll_token=enroll_token, state_dir=state_dir)
+    except CorralError as exc:
+        _error(exc.detail)
+        return EXIT_ERROR
+    setup_logging(config.log_level)
+    cfg = config
+    try:
+        return run_until_signalled(lambda stop: run_agent(cfg, stop=stop))
+    except Exception:
+        log.exception("the agent crashed")
+        return EXIT_INTERNAL

@@ -1,0 +1,112 @@
+"""``make run``: the server on SQLite under ./corral-data with a simulated fleet of 50 devices
+in 3 sites and 2 hardware models. Ctrl-C stops everything; running it again reuses the data
+(the same devices come back with the same identities)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from corral.server.config import ServerConfig
+from corral.server.main import init
+
+DATA = Path(os.environ.get("CORRAL_DATA_DIR", "corral-data"))
+BIND = os.environ.get("CORRAL_BIND", "127.0.0.1:8080")
+SITES = ("berlin", "lisbon", "osaka")
+DEVICES = int(os.environ.get("CORRAL_SIM_DEVICES", "50"))
+
+
+def _write_private(path: Path, doc: object) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"error: the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"error: the server did not become healthy at {url}")
+
+
+def _demo_setup(url: str, token: str) -> list[str]:
+    """Create the demo's site groups and one enrollment token per site (once)."""
+    path = DATA / "demo-tokens.json"
+    if path.exists():
+        return list(json.loads(path.read_text()))
+    h = {"Authorization": f"Bearer {token}"}
+    tokens = []
+    with httpx.Client(base_url=f"{url}/api/v1", headers=h, timeout=30) as c:
+        for site in SITES:
+            c.post("/groups", json={"name": f"site-{site}", "selector": f'tag.site == "{site}"',
+                                    "description": f"devices in {site}"})
+            r = c.post("/enrollment-tokens", json={"tags": {"site": site}, "description": f"demo fleet, {site}"})
+            r.raise_for_status()
+            tokens.append(r.json()["token"])
+        c.post("/groups", json={"name": "rpi4", "selector": 'attr.model == "rpi4"'})
+    _write_private(path, tokens)
+    return tokens
+
+
+def main() -> None:
+    host, _, port = BIND.rpartition(":")
+    cfg = ServerConfig(data_dir=DATA, host=host, port=int(port))
+    creds_path = DATA / "demo-credentials.json"
+    creds = init(cfg)
+    if creds is not None:
+        _write_private(creds_path, creds)
+    elif creds_path.exists():
+        creds = json.loads(creds_path.read_text())
+    url = cfg.public_url
+    corral = [sys.executable, "-m", "corral"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        server = subprocess.Popen([*corral, "server", "--data-dir", str(DATA), "--bind", BIND])
+        procs.append(server)
+        _wait_healthy(url, server)
+        tokens = _demo_setup(url, creds["api_token"]) if creds else []
+        sim_cmd = [*corral, "sim", "--server", url, "--devices", str(DEVICES), "--state-dir", str(DATA / "sim")]
+        for t in tokens:
+            sim_cmd += ["--enroll-token", t]
+        procs.append(subprocess.Popen(sim_cmd))
+        print("\n" + "=" * 64)
+        print(f"  Corral is running: {url}")
+        if creds:
+            print(f"  admin user:     {creds['admin_user']}")
+            print(f"  admin password: {creds['admin_password']}")
+            print(f"  CLI:  corral login --server {url} --user {creds['admin_user']}")
+        print(f"  {DEVICES} simulated devices in {', '.join(SITES)}; data in {DATA}/")
+        print("  Ctrl-C stops everything.")
+        print("=" * 64 + "\n", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

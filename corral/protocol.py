@@ -1,0 +1,226 @@
+"""The device protocol: the shared vocabulary of server, gateway and agent (DESIGN §3).
+
+One WebSocket per device, subprotocol ``corral.v1``. Every frame is an :class:`Envelope`
+``{type, id, ts, body}`` (plus ``sid`` for multiplexed sessions). Binary frames are msgpack,
+text frames JSON; both decode to the same structs, and unknown fields are ignored so that an
+old agent keeps working with a newer server.
+
+The handshake, in order::
+
+    server → challenge {nonce, server_time}
+    device → hello     {device_id, public_key, signature, agent_version, enroll_token?}
+    server → welcome   {device_id, status, heartbeat_interval, session_id}    (or closes)
+    device → inventory {...}            then, for the life of the socket:
+    device → heartbeat {seq}            server → heartbeat_ack {seq, server_time}
+    server → command   {name, args}     device → command_ack, then command_result
+    server → status    {status}         (a pending device was accepted)
+
+The signature proves possession of the device key: Ed25519 over :func:`hello_signing_payload`,
+which binds the server's one-time nonce, the protocol version and the identity claimed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from enum import IntEnum
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+PROTOCOL = "corral.v1"
+NONCE_BYTES = 32
+DEVICE_ID_HEX_CHARS = 32
+
+AdmissionStatus = Literal["pending", "accepted", "rejected", "decommissioned"]
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the hub uses. 4xxx are ours (RFC 6455 private range)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    TOO_BIG = 1009
+    SERVER_SHUTDOWN = 4000
+    MALFORMED = 4400
+    AUTH_FAILED = 4401  # bad signature, wrong or used-up enrollment token, unknown key
+    REFUSED = 4403  # rejected or decommissioned: the agent must not retry
+    TIMEOUT = 4408  # handshake or heartbeat timeout
+    REPLACED = 4409  # the same device connected again elsewhere
+    RATE_LIMITED = 4429
+
+
+#: Close codes after which an agent must stop trying: the server will never accept this key.
+PERMANENT_CLOSE_CODES = frozenset({CloseCode.REFUSED})
+
+
+def device_id_for(public_key: bytes) -> str:
+    """A device's ID is a stable fingerprint of its raw Ed25519 public key."""
+    return hashlib.sha256(public_key).hexdigest()[:DEVICE_ID_HEX_CHARS]
+
+
+def hello_signing_payload(nonce: bytes, device_id: str, public_key: bytes) -> bytes:
+    """The exact bytes a device signs to answer a challenge."""
+    return b"".join(
+        [PROTOCOL.encode(), b"/hello\x00", nonce, b"\x00", device_id.encode(), b"\x00", public_key]
+    )
+
+
+# --- envelope ---------------------------------------------------------------------------------
+
+
+class Envelope(msgspec.Struct, omit_defaults=True):
+    type: str
+    body: msgspec.Raw = msgspec.Raw(b"")
+    id: str | None = None
+    ts: float = 0.0
+    sid: str | None = None
+
+
+# --- bodies -----------------------------------------------------------------------------------
+
+
+class Challenge(msgspec.Struct, omit_defaults=True):
+    nonce: bytes
+    server_time: float
+    protocol: str = PROTOCOL
+
+
+class Hello(msgspec.Struct, omit_defaults=True):
+    device_id: str
+    public_key: bytes
+    signature: bytes
+    agent_version: str = ""
+    enroll_token: str | None = None
+
+
+class Welcome(msgspec.Struct, omit_defaults=True):
+    device_id: str
+    status: AdmissionStatus
+    heartbeat_interval: float
+    session_id: str
+
+
+class Status(msgspec.Struct, omit_defaults=True):
+    status: AdmissionStatus
+
+
+class Inventory(msgspec.Struct, omit_defaults=True):
+    """What a device reports about itself. Every field ends up under ``attr.`` in selectors."""
+
+    os: str = ""
+    os_version: str = ""
+    kernel: str = ""
+    arch: str = ""
+    hostname: str = ""
+    agent_version: str = ""
+    model: str = ""
+    software: dict[str, str] = {}
+    addresses: list[str] = []
+    disk_free_bytes: int | None = None
+    disk_total_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    boot_time: float | None = None
+    attributes: dict[str, str | int | float | bool] = {}
+
+
+class Heartbeat(msgspec.Struct, omit_defaults=True):
+    seq: int = 0
+
+
+class HeartbeatAck(msgspec.Struct, omit_defaults=True):
+    seq: int
+    server_time: float
+
+
+class Command(msgspec.Struct, omit_defaults=True):
+    name: str
+    args: dict[str, Any] = {}
+
+
+class CommandAck(msgspec.Struct, omit_defaults=True):
+    pass
+
+
+class CommandResult(msgspec.Struct, omit_defaults=True):
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+class Error(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+
+
+MessageBody = (
+    Challenge | Hello | Welcome | Status | Inventory | Heartbeat | HeartbeatAck | Command | CommandAck
+    | CommandResult | Error
+)
+
+#: type name on the wire -> body struct
+MESSAGE_TYPES: dict[str, type[msgspec.Struct]] = {
+    "challenge": Challenge,
+    "hello": Hello,
+    "welcome": Welcome,
+    "status": Status,
+    "inventory": Inventory,
+    "heartbeat": Heartbeat,
+    "heartbeat_ack": HeartbeatAck,
+    "command": Command,
+    "command_ack": CommandAck,
+    "command_result": CommandResult,
+    "error": Error,
+}
+TYPE_NAMES: dict[type[msgspec.Struct], str] = {v: k for k, v in MESSAGE_TYPES.items()}
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class Codec:
+    """Encodes and decodes frames. Binary frames are msgpack, text frames JSON.
+
+    Decoding is two-step: the envelope first (cheap, the body stays raw), then the body into
+    the struct its ``type`` names. A malformed frame raises :class:`msgspec.DecodeError` or
+    :class:`msgspec.ValidationError`; callers turn that into a close.
+    """
+
+    def __init__(self) -> None:
+        self._mp_env = msgspec.msgpack.Decoder(Envelope)
+        self._js_env = msgspec.json.Decoder(Envelope)
+        self._mp_enc = msgspec.msgpack.Encoder()
+        self._js_enc = msgspec.json.Encoder()
+        self._mp_bodies = {t: msgspec.msgpack.Decoder(c) for t, c in MESSAGE_TYPES.items()}
+        self._js_bodies = {t: msgspec.json.Decoder(c) for t, c in MESSAGE_TYPES.items()}
+
+    def encode(self, body: msgspec.Struct, *, id: str | None = None, sid: str | None = None,
+               binary: bool = True) -> bytes:
+        type_name = TYPE_NAMES[type(body)]
+        enc = self._mp_enc if binary else self._js_enc
+        env = Envelope(type=type_name, body=msgspec.Raw(enc.encode(body)), id=id, ts=time.time(), sid=sid)
+        return enc.encode(env)
+
+    def decode_envelope(self, frame: bytes | str) -> Envelope:
+        if isinstance(frame, str):
+            return self._js_env.decode(frame.encode())
+        return self._mp_env.decode(frame)
+
+    def decode_body(self, env: Envelope, binary: bool = True) -> msgspec.Struct:
+        """Decode the body of a known message type; unknown types raise ValidationError."""
+        table = self._mp_bodies if binary else self._js_bodies
+        dec = table.get(env.type)
+        if dec is None:
+            raise msgspec.ValidationError(f"unknown message type {env.type!r}")
+        raw = bytes(env.body) or (b"\x80" if binary else b"{}")
+        result: msgspec.Struct = dec.decode(raw)
+        return result
+
+    def decode(self, frame: bytes | str) -> tuple[Envelope, msgspec.Struct]:
+        env = self.decode_envelope(frame)
+        return env, self.decode_body(env, binary=not isinstance(frame, str))
+
+    def expect(self, frame: bytes | str, kind: type[T]) -> tuple[Envelope, T]:
+        env, body = self.decode(frame)
+        if not isinstance(body, kind):
+            raise msgspec.ValidationError(f"expected {TYPE_NAMES[kind]!r}, got {env.type!r}")
+        return env, body

@@ -1,0 +1,107 @@
+"""Request-scoped dependencies: the server context, the caller and their role, paging."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, Query, Request
+from pydantic import BaseModel
+
+from corral.errors import Forbidden, InvalidInput, Unauthorized
+from corral.server.auth import Principal, resolve_token
+from corral.server.context import ServerContext
+
+SESSION_COOKIE = "corral_session"
+
+
+def get_ctx(request: Request) -> ServerContext:
+    ctx: ServerContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[ServerContext, Depends(get_ctx)]
+
+
+def bearer_token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("Authorization header must be 'Bearer <token>'")
+        return value.strip()
+    return request.cookies.get(SESSION_COOKIE)
+
+
+async def get_principal(request: Request, ctx: Ctx) -> Principal:
+    token = bearer_token(request)
+    if not token:
+        raise Unauthorized("an API token is required (Authorization: Bearer <token>)")
+    async with ctx.reader() as db:
+        principal = await resolve_token(db, token)
+    request.state.principal = principal
+    return principal
+
+
+def require(role: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency that admits callers with at least ``role``."""
+
+    async def dep(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        if not principal.has_role(role):
+            raise Forbidden(f"this needs the {role} role; {principal.name} is {principal.role}")
+        return principal
+
+    return dep
+
+
+Viewer = Annotated[Principal, Depends(require("viewer"))]
+Operator = Annotated[Principal, Depends(require("operator"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
+
+
+def rid(request: Request) -> str:
+    return getattr(request.state, "request_id", "") or ""
+
+
+# --- paging ---------------------------------------------------------------------------------
+
+
+class Page(BaseModel):
+    """One page of a list. Pass ``next_cursor`` back as ``cursor`` for the next one."""
+
+    items: list[Any]
+    next_cursor: str | None = None
+
+
+def encode_cursor(values: list[Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> list[Any]:
+    try:
+        pad = "=" * (-len(cursor) % 4)
+        values = json.loads(base64.urlsafe_b64decode(cursor + pad))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidInput("cursor is not valid: pass next_cursor from the previous page") from e
+    if not isinstance(values, list):
+        raise InvalidInput("cursor is not valid: pass next_cursor from the previous page")
+    return values
+
+
+class PageParams:
+    def __init__(
+        self,
+        request: Request,
+        limit: Annotated[int | None, Query(ge=1, description="items per page")] = None,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    ) -> None:
+        limits = get_ctx(request).config.limits
+        if limit is not None and limit > limits.max_page_size:
+            raise InvalidInput(f"limit must be at most {limits.max_page_size}")
+        self.limit = limit or limits.default_page_size
+        self.cursor = decode_cursor(cursor) if cursor else None
+
+
+Paging = Annotated[PageParams, Depends(PageParams)]

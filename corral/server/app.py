@@ -1,0 +1,86 @@
+"""The ASGI application: REST API under /api/v1, the device surface under /device/v1,
+/healthz, and the web console. ``create_app`` wires a :class:`ServerContext` into it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import HTMLResponse, JSONResponse
+from sqlalchemy import text
+
+from corral import __version__
+from corral.server.api import errors as api_errors
+from corral.server.bus import make_bus
+from corral.server.config import ServerConfig
+from corral.server.context import ServerContext
+from corral.server.hub import Hub
+from corral.server.secrets import load_audit_key
+from corral.server.store.db import create_engine, is_sqlite, session_factory
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(config.database_url)
+        bus = make_bus(config.bus_url)
+        await bus.start()
+        ctx = ServerContext(config=config, engine=engine, sessions=session_factory(engine),
+                            audit_key=load_audit_key(config.data_dir), bus=bus,
+                            sqlite=is_sqlite(config.database_url))
+        ctx.hub = Hub(ctx)
+        app.state.ctx = ctx
+        await ctx.hub.start()
+        try:
+            yield
+        finally:
+            await ctx.hub.stop()
+            await bus.close()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Corral",
+        version=__version__,
+        summary="Open-source IoT fleet management",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(api_errors.RequestIdMiddleware)
+    api_errors.install(app)
+
+    from corral.server.api import audit, auth, devices, enrollment, groups
+
+    for module in (auth, devices, groups, enrollment, audit):
+        app.include_router(module.router, prefix="/api/v1")
+
+    @app.get("/healthz", tags=["server"])
+    async def healthz() -> JSONResponse:
+        ctx: ServerContext = app.state.ctx
+        try:
+            async with ctx.reader() as db:
+                await db.execute(text("SELECT 1"))
+        except Exception as e:  # report, don't raise: load balancers read the status code
+            return JSONResponse({"status": "unavailable", "detail": str(e)[:200]}, status_code=503)
+        hub = ctx.hub
+        return JSONResponse({"status": "ok", "version": __version__, "replica": config.replica_id,
+                             "devices_connected": len(hub.sessions) if hub else 0})
+
+    @app.websocket("/device/v1/connect")
+    async def device_connect(ws: WebSocket) -> None:
+        ctx: ServerContext = app.state.ctx
+        assert ctx.hub is not None
+        await ctx.hub.handle(ws)
+
+    index = Path(__file__).resolve().parent.parent / "web" / "templates" / "index.html"
+
+    @app.get("/", include_in_schema=False)
+    async def home() -> HTMLResponse:
+        return HTMLResponse(index.read_text() if index.exists() else "<h1>Corral</h1>")
+
+    return app

@@ -1,0 +1,391 @@
+"""The device hub: one WebSocket session per connected device (DESIGN §1-§3).
+
+Connect flow: accept (subprotocol ``corral.v1``) → send a one-time nonce → the device answers
+``hello`` signed with its key → admission decision (``core.admission``) applied in one write
+transaction → ``welcome``. Then the session relays heartbeats, inventory and command traffic.
+
+Presence: a session marks its device online (with this replica's id) at welcome and offline at
+close. Heartbeats only touch memory; live sessions' ``last_seen`` is written in one batch every
+``presence_flush`` seconds. A session silent for ``heartbeat_grace_intervals`` heartbeat
+intervals is closed, so a device whose network vanished goes offline within two intervals.
+
+Cross-replica: commands, admission changes and forced closes arrive on the bus
+(``device.<id>.command|status|close``); whichever replica holds the session acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import select, update
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from corral import protocol as p
+from corral.core.admission import Action, decide
+from corral.server import registry
+from corral.server.context import ServerContext
+from corral.server.store.models import Device, DeviceCommand
+
+log = logging.getLogger(__name__)
+
+
+class _Close(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class DeviceSession:
+    device_id: str
+    ws: WebSocket
+    session_id: str
+    status: str
+    binary: bool = True
+    last_rx: float = field(default_factory=time.monotonic)
+    closing: bool = False
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Hub:
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.codec = p.Codec()
+        self.sessions: dict[str, DeviceSession] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.connects_total = 0
+        self.refused_total = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        bus = self.ctx.bus
+        bus.subscribe("device.*.command", self._on_command_queued)
+        bus.subscribe("device.*.close", self._on_close_request)
+        bus.subscribe("device.*.status", self._on_status_change)
+        bus.subscribe("command.*.done", self._on_command_done)
+        # Sessions this replica held before a restart are gone: mark their devices offline.
+        async with self.ctx.writer() as db:
+            await db.execute(
+                update(Device).where(Device.online.is_(True), Device.replica == self.ctx.config.replica_id)
+                .values(online=False, replica=None)
+            )
+            if not self.ctx.config.bus_url:  # alone: nobody else holds sessions
+                await db.execute(update(Device).where(Device.online.is_(True)).values(online=False, replica=None))
+        self._tasks = [asyncio.create_task(self._presence_loop())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        sessions = list(self.sessions.values())
+        await asyncio.gather(*(self._close_ws(s, p.CloseCode.SERVER_SHUTDOWN, "server shutting down")
+                               for s in sessions), return_exceptions=True)
+        if sessions:
+            with contextlib.suppress(Exception):
+                async with self.ctx.writer() as db:
+                    await db.execute(update(Device).where(Device.id.in_([s.device_id for s in sessions]))
+                                     .values(online=False, replica=None, last_seen=time.time()))
+
+    # --- the WebSocket endpoint -------------------------------------------------------------
+
+    async def handle(self, ws: WebSocket) -> None:
+        offered = ws.scope.get("subprotocols") or []
+        if p.PROTOCOL not in offered:
+            await ws.close(code=p.CloseCode.MALFORMED, reason=f"subprotocol {p.PROTOCOL} required")
+            return
+        await ws.accept(subprotocol=p.PROTOCOL)
+        session: DeviceSession | None = None
+        try:
+            session = await self._handshake(ws)
+            await self._serve(session)
+        except _Close as c:
+            self.refused_total += session is None
+            await self._close_raw(ws, c.code, c.reason)
+        except WebSocketDisconnect:
+            pass
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            await self._close_raw(ws, p.CloseCode.MALFORMED, f"malformed frame: {str(e)[:80]}")
+        except Exception:
+            log.exception("device session failed")
+            await self._close_raw(ws, 1011, "internal error")
+        finally:
+            if session is not None:
+                await self._end(session)
+
+    async def _recv(self, ws: WebSocket, timeout: float | None = None) -> bytes | str:
+        msg = await asyncio.wait_for(ws.receive(), timeout) if timeout else await ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(msg.get("code", 1000))
+        data = msg.get("bytes")
+        if data is not None:
+            return data  # type: ignore[no-any-return]
+        return msg.get("text") or ""
+
+    async def _handshake(self, ws: WebSocket) -> DeviceSession:
+        cfg = self.ctx.config
+        nonce = secrets.token_bytes(p.NONCE_BYTES)
+        await ws.send_bytes(self.codec.encode(p.Challenge(nonce=nonce, server_time=time.time())))
+        try:
+            frame = await self._recv(ws, cfg.timeouts.hello)
+        except TimeoutError:
+            raise _Close(p.CloseCode.TIMEOUT, "no hello in time") from None
+        binary = not isinstance(frame, str)
+        _, hello = self.codec.expect(frame, p.Hello)
+        if len(hello.public_key) != 32 or p.device_id_for(hello.public_key) != hello.device_id:
+            raise _Close(p.CloseCode.AUTH_FAILED, "device id does not match the public key")
+        try:
+            Ed25519PublicKey.from_public_bytes(hello.public_key).verify(
+                hello.signature, p.hello_signing_payload(nonce, hello.device_id, hello.public_key)
+            )
+        except (InvalidSignature, ValueError):
+            raise _Close(p.CloseCode.AUTH_FAILED, "signature does not verify") from None
+
+        status = await self._admit(hello)
+        session = DeviceSession(hello.device_id, ws, secrets.token_hex(8), status, binary)
+        old = self.sessions.get(session.device_id)
+        self.sessions[session.device_id] = session
+        if old is not None:
+            await self._close_ws(old, p.CloseCode.REPLACED, "replaced by a newer connection")
+        self.connects_total += 1
+        await self._send(session, p.Welcome(device_id=session.device_id, status=status,  # type: ignore[arg-type]
+                                            heartbeat_interval=cfg.timeouts.heartbeat_interval,
+                                            session_id=session.session_id))
+        if status == "accepted":
+            await self._deliver_queued(session)
+        return session
+
+    async def _admit(self, hello: p.Hello) -> str:
+        """Apply the admission decision in one transaction; nothing is written on refusal."""
+        cfg = self.ctx.config
+        async with self.ctx.writer() as db:
+            dev = await db.get(Device, hello.device_id)
+            if dev is not None and dev.public_key != hello.public_key:
+                raise _Close(p.CloseCode.AUTH_FAILED, "device id is registered with another key")
+            verdict, token = await registry.check_enrollment_token(db, hello.enroll_token)
+            decision = decide(dev.status if dev else None, verdict, cfg.allow_pending)
+            if decision.action is Action.REFUSE:
+                raise _Close(p.CloseCode.REFUSED, decision.reason)
+            if decision.action is Action.AUTH_FAILED:
+                raise _Close(p.CloseCode.AUTH_FAILED, decision.reason)
+            if decision.consumes_token:
+                assert token is not None
+                if not await registry.consume_enrollment_token(db, token):
+                    if dev is None:
+                        raise _Close(p.CloseCode.AUTH_FAILED, "enrollment token has no uses left")
+                    decision = decide(dev.status, "used_up", cfg.allow_pending)
+            now = time.time()
+            actor = f"device:{hello.device_id}"
+            if dev is None:
+                dev = Device(id=hello.device_id, public_key=hello.public_key, status="pending",
+                             created_at=now, updated_at=now, inventory={})
+                db.add(dev)
+                await db.flush()
+            if decision.consumes_token and token is not None:
+                dev.status = "accepted"
+                dev.admitted_at = now
+                dev.enrollment_token_id = token.id
+                await registry.set_tags(db, dev.id, dict(token.tags or {}))
+                for g in token.groups or []:
+                    if await db.get(registry.Group, g) is not None:
+                        await registry.add_members(db, g, [dev.id])
+                await self.ctx.audit(db, actor, "device.enroll", dev.id,
+                                     {"token": token.id, "tags": token.tags, "groups": token.groups})
+            elif decision.action is Action.CREATE_PENDING:
+                await self.ctx.audit(db, actor, "device.pending", dev.id, {})
+            dev.online = True
+            dev.replica = cfg.replica_id
+            dev.last_seen = now
+            dev.updated_at = now
+            return dev.status
+
+    async def _serve(self, s: DeviceSession) -> None:
+        while True:
+            frame = await self._recv(s.ws)
+            s.last_rx = time.monotonic()
+            env, body = self.codec.decode(frame)
+            if isinstance(body, p.Heartbeat):
+                await self._send(s, p.HeartbeatAck(seq=body.seq, server_time=time.time()))
+            elif isinstance(body, p.Inventory):
+                await self._store_inventory(s, frame, body)
+            elif isinstance(body, p.CommandAck):
+                await self._command_update(s, env.id, "acknowledged", None)
+            elif isinstance(body, p.CommandResult):
+                await self._command_update(s, env.id, "succeeded" if body.ok else "failed", body)
+            else:
+                raise _Close(p.CloseCode.MALFORMED, f"unexpected message {env.type!r}")
+
+    async def _store_inventory(self, s: DeviceSession, frame: bytes | str, inv: p.Inventory) -> None:
+        if len(frame) > self.ctx.config.limits.max_inventory_bytes:
+            raise _Close(p.CloseCode.TOO_BIG, "inventory too large")
+        doc: dict[str, Any] = {str(k)[:64]: v for k, v in inv.attributes.items()}
+        for k, v in msgspec.structs.asdict(inv).items():
+            if k != "attributes" and v not in ("", None, [], {}):
+                doc[k] = v
+        now = time.time()
+        async with self.ctx.writer() as db:
+            await db.execute(update(Device).where(Device.id == s.device_id)
+                             .values(inventory=doc, inventory_at=now, last_seen=now))
+
+    async def _end(self, s: DeviceSession) -> None:
+        if self.sessions.get(s.device_id) is not s:
+            return  # replaced by a newer session, which owns presence now
+        del self.sessions[s.device_id]
+        with contextlib.suppress(Exception):
+            async with self.ctx.writer() as db:
+                await db.execute(
+                    update(Device).where(Device.id == s.device_id, Device.replica == self.ctx.config.replica_id)
+                    .values(online=False, replica=None, last_seen=time.time())
+                )
+
+    # --- sending and closing ----------------------------------------------------------------
+
+    async def _send(self, s: DeviceSession, body: msgspec.Struct, id: str | None = None) -> None:
+        data = self.codec.encode(body, id=id, binary=s.binary)
+        async with s.send_lock:
+            if isinstance(data, bytes) and s.binary:
+                await s.ws.send_bytes(data)
+            else:
+                await s.ws.send_text(data.decode())
+
+    async def _close_raw(self, ws: WebSocket, code: int, reason: str) -> None:
+        if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await ws.close(code=code, reason=reason[:120])
+
+    async def _close_ws(self, s: DeviceSession, code: int, reason: str) -> None:
+        if s.closing:
+            return
+        s.closing = True
+        await self._close_raw(s.ws, code, reason)
+        # Do not wait for the peer's close frame (a vanished device never sends one): the
+        # device is offline from the moment we close.
+        await self._end(s)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def _deliver_queued(self, s: DeviceSession) -> None:
+        async with self.ctx.reader() as db:
+            cmds = (await db.scalars(
+                select(DeviceCommand).where(DeviceCommand.device_id == s.device_id,
+                                            DeviceCommand.status.in_(["queued", "sent"]),
+                                            DeviceCommand.expires_at > time.time())
+                .order_by(DeviceCommand.created_at))).all()
+        for c in cmds:
+            await self._send_command(s, c)
+
+    async def _send_command(self, s: DeviceSession, c: DeviceCommand) -> None:
+        await self._send(s, p.Command(name=c.name, args=c.args or {}), id=c.id)
+        async with self.ctx.writer() as db:
+            await db.execute(update(DeviceCommand).where(DeviceCommand.id == c.id, DeviceCommand.status == "queued")
+                             .values(status="sent", updated_at=time.time()))
+
+    async def _command_update(self, s: DeviceSession, command_id: str | None, status: str,
+                              result: p.CommandResult | None) -> None:
+        if not command_id:
+            raise _Close(p.CloseCode.MALFORMED, "command reply without id")
+        values: dict[str, Any] = {"status": status, "updated_at": time.time()}
+        if result is not None:
+            values["result"] = result.result if isinstance(result.result, dict) else {"value": result.result}
+            values["error"] = (result.error or "")[:2000] or None
+        allowed = ["queued", "sent"] if status == "acknowledged" else ["queued", "sent", "acknowledged"]
+        async with self.ctx.writer() as db:
+            res = await db.execute(update(DeviceCommand).where(
+                DeviceCommand.id == command_id, DeviceCommand.device_id == s.device_id,
+                DeviceCommand.status.in_(allowed)).values(**values))
+        if result is not None and res.rowcount:  # type: ignore[attr-defined]
+            await self.ctx.bus.publish(f"command.{command_id}.done", status.encode())
+
+    async def wait_command(self, command_id: str, timeout: float) -> None:
+        """Wait (bounded) until a command finishes; returns silently on timeout."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(command_id, []).append(fut)
+        try:
+            async with self.ctx.reader() as db:  # it may have finished before we registered
+                st = await db.scalar(select(DeviceCommand.status).where(DeviceCommand.id == command_id))
+            if st in ("queued", "sent", "acknowledged"):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fut, timeout)
+        finally:
+            waiters = self._waiters.get(command_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters:
+                self._waiters.pop(command_id, None)
+
+    # --- bus handlers -------------------------------------------------------------------------
+
+    async def _on_command_queued(self, subject: str, data: bytes) -> None:
+        s = self.sessions.get(subject.split(".")[1])
+        if s is None or s.status != "accepted":
+            return
+        async with self.ctx.reader() as db:
+            c = await db.get(DeviceCommand, data.decode())
+        if c is not None and c.status == "queued":
+            with contextlib.suppress(Exception):
+                await self._send_command(s, c)
+
+    async def _on_close_request(self, subject: str, data: bytes) -> None:
+        s = self.sessions.get(subject.split(".")[1])
+        if s is not None:
+            code = int(data or b"1000")
+            await self._close_ws(s, code, "closed by the server")
+
+    async def _on_status_change(self, subject: str, data: bytes) -> None:
+        s = self.sessions.get(subject.split(".")[1])
+        if s is None:
+            return
+        status = data.decode()
+        if status in ("rejected", "decommissioned"):
+            await self._close_ws(s, p.CloseCode.REFUSED, f"device is {status}")
+        elif status == "accepted" and s.status != "accepted":
+            s.status = "accepted"
+            with contextlib.suppress(Exception):
+                await self._send(s, p.Status(status="accepted"))
+                await self._deliver_queued(s)
+
+    async def _on_command_done(self, subject: str, data: bytes) -> None:
+        for fut in self._waiters.get(subject.split(".")[1], []):
+            if not fut.done():
+                fut.set_result(None)
+
+    # --- presence ---------------------------------------------------------------------------
+
+    async def _presence_loop(self) -> None:
+        t = self.ctx.config.timeouts
+        period = min(t.presence_flush, t.heartbeat_interval / 2)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._presence_tick()
+            except Exception:
+                log.exception("presence tick failed")
+
+    async def _presence_tick(self) -> None:
+        t = self.ctx.config.timeouts
+        deadline = time.monotonic() - t.heartbeat_interval * t.heartbeat_grace_intervals
+        live: list[str] = []
+        for s in list(self.sessions.values()):
+            if s.last_rx < deadline:
+                await self._close_ws(s, p.CloseCode.TIMEOUT, "no heartbeat")
+            else:
+                live.append(s.device_id)
+        now = time.time()
+        async with self.ctx.writer() as db:
+            for i in range(0, len(live), 500):
+                await db.execute(update(Device).where(Device.id.in_(live[i:i + 500])).values(last_seen=now))
+            # devices a vanished replica left "online": stale beyond any flush period
+            stale = now - (t.heartbeat_interval * t.heartbeat_grace_intervals + t.presence_flush * 2)
+            await db.execute(update(Device).where(Device.online.is_(True), Device.last_seen < stale)
+                             .values(online=False, replica=None))
