@@ -332,7 +332,8 @@ def _read_number(expr: str, start: int) -> _Token:
 
 _KEYWORDS: Final = frozenset({"and", "or", "not", "in", "true", "false", "exists"})
 _FIELD_HINTS: Final = {"tags": "tag", "attrs": "attr", "attribute": "attr", "groups": "group"}
-_ALL_OPS: Final = frozenset({"==", "!=", "<", "<=", ">", ">=", "~", "in"})
+_OP_ORDER: Final = ("==", "!=", "<", "<=", ">", ">=", "~", "in")
+_ALL_OPS: Final = frozenset(_OP_ORDER)
 # Which operators each field supports ("in" stands for both "in" and "not in").
 _OPS_BY_KIND: Final[Mapping[FieldKind, frozenset[str]]] = {
     "id": _ALL_OPS,
@@ -552,7 +553,7 @@ class _Parser:
     def check_operator(self, fld: Field, tok: _Token, op: str) -> None:
         allowed = _OPS_BY_KIND[fld.kind]
         if op not in allowed:
-            listed = ", ".join(sorted(o if o != "in" else "in, not in" for o in allowed))
+            listed = ", ".join(o if o != "in" else "in, not in" for o in _OP_ORDER if o in allowed)
             raise self.error(f"{op} is not supported for {fld.name} (use {listed})", tok.column)
 
     def check_literal(self, fld: Field, op: str, value: Value, tok: _Token) -> None:

@@ -184,7 +184,7 @@ class Agent:
             action, why = await self._connect_once()
             self.backoff.disconnected(loop.time())
             if action is CloseAction.STOP:
-                log.error("device %s: %s", self.identity.device_id, why)
+                log.info("device %s: %s", self.identity.device_id, why)  # the caller reports it
                 return Outcome.REFUSED
             if self._reboot_requested:
                 self._reboot_requested = False
@@ -367,7 +367,7 @@ class Agent:
             result = await self.commands.run(self, command)
             await ws.send(_CODEC.encode(result, id=envelope_id))
             if self._reboot_requested:
-                log.warning("device %s: rebooting on request of the server", self._tag)
+                log.info("device %s: rebooting on request of the server", self._tag)
                 await ws.close(CloseCode.GOING_AWAY, "rebooting")
         except ConnectionClosed:
             pass  # the receive loop sees the close and handles it
