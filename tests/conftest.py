@@ -200,6 +200,16 @@ def server(tmp_path: Path) -> Iterator[ServerProc]:
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    """One server for a module whose tests tolerate each other's data (they compare snapshots)."""
+    s = start_server(tmp_path_factory.mktemp("shared"))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerProc]:
     """The same server on each database engine."""

@@ -264,7 +264,10 @@ class Agent:
         await self._set_status(welcome.status, device_id=welcome.device_id)
         log.info(
             "device %s: connected to %s (%s, session %s)",
-            self._tag, self.config.server, welcome.status, welcome.session_id,
+            self._tag,
+            self.config.server,
+            welcome.status,
+            welcome.session_id,
         )
         await self.send_inventory()
         interval = min(max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL), MAX_HEARTBEAT_INTERVAL)
@@ -403,4 +406,3 @@ class Agent:
             await self.platform.reboot()
         except Exception as exc:
             log.error("device %s: reboot failed: %s", self._tag, exc)
-

@@ -7,6 +7,7 @@ ordered: ``viewer`` < ``operator`` < ``admin``; an endpoint names the least role
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import time
@@ -144,11 +145,13 @@ async def authenticate_password(db: AsyncSession, name: str, password: str) -> U
     user = await db.scalar(select(User).where(User.name == name))
     # verify against a dummy hash when the user is unknown, so timing does not reveal names
     if user is None:
-        verify_password(_DUMMY_HASH, password)
+        verify_password(_dummy_hash(), password)
         raise Unauthorized("wrong user name or password")
     if user.disabled or not verify_password(user.password_hash, password):
         raise Unauthorized("wrong user name or password")
     return user
 
 
-_DUMMY_HASH = _hasher.hash("corral-dummy-password")
+@functools.cache
+def _dummy_hash() -> str:
+    return _hasher.hash("corral-dummy-password")

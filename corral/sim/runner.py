@@ -140,9 +140,7 @@ class SimFleet:
                     pending += 1
             elif a.last_close_code == 4401:
                 auth_failed += 1
-        line = (
-            f"sim: {connected}/{self.devices} connected ({accepted} accepted, {pending} pending)"
-        )
+        line = f"sim: {connected}/{self.devices} connected ({accepted} accepted, {pending} pending)"
         extras = [
             (self.devices - self.started, "not started"),
             (auth_failed, "auth failed"),
@@ -190,7 +188,8 @@ async def run_sim(
     fleet = SimFleet(cfg, tokens, devices, state_dir, models, seed, boot_delay)
     print(
         f"sim: starting {devices} devices against {server} (state in {state_dir}, seed {seed})",
-        file=stream, flush=True,
+        file=stream,
+        flush=True,
     )
 
     async def report() -> None:
@@ -209,8 +208,8 @@ async def run_sim(
         for t in helpers:
             t.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
+        print(fleet.summary(), file=stream, flush=True)  # the fleet as it was, before stopping it
         await fleet.stop()
-    print(fleet.summary(), file=stream, flush=True)
     if fleet.all_ended.is_set() and not stop.is_set():
         detail = f"{fleet.refused} refused, {fleet.failed} failed"
         if fleet.first_error:
@@ -259,8 +258,15 @@ def main_sim(
     try:
         return run_until_signalled(
             lambda stop: run_sim(
-                server, enroll_tokens, devices, path, list(models or DEFAULT_MODELS), seed, stop,
-                start_rate=start_rate, summary_interval=summary_interval,
+                server,
+                enroll_tokens,
+                devices,
+                path,
+                list(models or DEFAULT_MODELS),
+                seed,
+                stop,
+                start_rate=start_rate,
+                summary_interval=summary_interval,
             )
         )
     except CorralError as exc:

@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from corral import protocol
-from corral.agent.commands import BUILTIN_COMMANDS, CommandFailed, CommandHost, CommandRegistry, builtin_commands
+from corral.agent.commands import (
+    BUILTIN_COMMANDS,
+    CommandFailed,
+    CommandHost,
+    CommandRegistry,
+    builtin_commands,
+)
 
 
 class StubHost:

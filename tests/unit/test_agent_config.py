@@ -104,7 +104,10 @@ def test_device_url(server: str, url: str) -> None:
         ('server = "corral.example.com"', "must look like https://host"),
         ("connect_timeout = 5", "no server URL"),
         ('server = "https://x"\nconnect_timeot = 5', "unknown field `connect_timeot`"),
-        ('server = "https://x"\nconnect_timeout = "soon"', "Expected `float`, got `str` - at `$.connect_timeout`"),
+        (
+            'server = "https://x"\nconnect_timeout = "soon"',
+            "Expected `float`, got `str` - at `$.connect_timeout`",
+        ),
         ('server = "https://x"\nconnect_timeout = 0', "connect_timeout must be > 0"),
         ('server = "https://x"\n[backoff]\nbase = 10\ncap = 1', "backoff.cap must be >= backoff.base"),
         ('server = "https://x"\n[backoff]\nbase = 0', "backoff.base must be > 0"),

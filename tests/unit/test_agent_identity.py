@@ -64,7 +64,7 @@ def test_a_corrupt_key_is_an_error_and_is_not_replaced(tmp_path: Path) -> None:
     state.mkdir(mode=0o700)
     (state / "device.key").write_bytes(b"garbage")
     (state / "device.key").chmod(0o600)
-    with pytest.raises(InvalidInput, match="device.key is not a readable PEM private key"):
+    with pytest.raises(InvalidInput, match=r"device\.key is not a readable PEM private key"):
         Identity.load_or_create(state)
     assert (state / "device.key").read_bytes() == b"garbage"
 
@@ -83,7 +83,9 @@ def test_a_non_ed25519_key_is_refused(tmp_path: Path) -> None:
         Identity.load_or_create(state)
 
 
-def test_creating_loses_to_a_key_created_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_creating_loses_to_a_key_created_concurrently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two agents starting at once on one state dir must end up with one identity."""
     state = tmp_path / "s"
     winner = Identity.load_or_create(tmp_path / "w")
@@ -118,14 +120,18 @@ def test_atomic_write_keeps_the_old_content_when_writing_fails(
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
-def test_state_store_round_trip_and_writes_only_on_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_state_store_round_trip_and_writes_only_on_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     Identity.load_or_create(tmp_path)
     store = StateStore(tmp_path)
     assert store.state == AgentState()
     assert store.update(enrolled=True, status="accepted", device_id="abc") is True
     assert mode(tmp_path / "state.json") == 0o600
     assert json.loads((tmp_path / "state.json").read_text()) == {
-        "device_id": "abc", "enrolled": True, "status": "accepted"
+        "device_id": "abc",
+        "enrolled": True,
+        "status": "accepted",
     }
     writes: list[Path] = []
     monkeypatch.setattr(identity_mod, "atomic_write", lambda p, d, m=0o600: writes.append(p))

@@ -1,0 +1,61 @@
+"""main_agent: the process the CLI runs — config errors, signals, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from corral import protocol
+from corral.agent.main import main_agent
+from tests.unit.test_agent_connection import GUARD, FakeHub
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_invalid_config_is_exit_1_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main_agent(config_file=tmp_path / "missing.toml", server="https://x") == 1
+    assert main_agent(server="ftp://x") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"error: config file {tmp_path / 'missing.toml'}: not found",
+        "error: server URL 'ftp://x' must look like https://host[:port]",
+    ]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_real_agent_process_stops_cleanly_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('enroll_token = "good-token"\n[attributes]\nsite = "lab"\n')
+
+    async def scenario() -> tuple[int, str]:
+        async with FakeHub() as hub:
+            code = (
+                "import sys; from corral.agent.main import main_agent; "
+                f"sys.exit(main_agent(config_file={str(config)!r}, server={hub.url!r}, "
+                f"state_dir={str(tmp_path / 'state')!r}))"
+            )
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", code, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+            )
+            try:
+                _, _, _, inv = await hub.next("inventory")
+                assert inv.attributes["site"] == "lab"
+                assert inv.agent_version  # a real LinuxPlatform inventory
+                proc.send_signal(sig)
+                _, err = await asyncio.wait_for(proc.communicate(), GUARD)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            _, _, _, close_code = await hub.next("closed")
+            assert close_code == protocol.CloseCode.GOING_AWAY
+            assert proc.returncode is not None
+            return proc.returncode, err.decode()
+
+    rc, err = asyncio.run(scenario())
+    assert rc == 0, err
+    assert "Traceback" not in err
