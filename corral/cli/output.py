@@ -21,7 +21,8 @@ def emit_json(doc: Any) -> None:
 def table(rows: Iterable[dict[str, Any]], columns: list[tuple[str, Callable[[dict[str, Any]], Any]]]) -> None:
     t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for name, _ in columns:
-        t.add_column(name)
+        # ids must stay whole and copyable: fold long cells instead of cutting them with an ellipsis
+        t.add_column(name, overflow="fold")
     n = 0
     for row in rows:
         t.add_row(*[_cell(get(row)) for _, get in columns])
@@ -38,9 +39,9 @@ def _cell(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, dict):
-        return ",".join(f"{k}={x}" for k, x in v.items())
+        return escape(",".join(f"{k}={x}" for k, x in v.items()))
     if isinstance(v, list):
-        return ",".join(str(x) for x in v)
+        return escape(",".join(str(x) for x in v))
     return escape(str(v))
 
 
