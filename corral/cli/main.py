@@ -123,10 +123,8 @@ def login(
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
 ) -> None:
     """Log in and store an API token in the user's config dir."""
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = typer.prompt("password", hide_input=True)
+    password = (sys.stdin.readline().rstrip("\r\n") if password_stdin
+                else typer.prompt("password", hide_input=True))
     c = Client(server)
     try:
         tok = c.post("/auth/login", {"user": user, "password": password, "token_name": "cli"})
@@ -268,7 +266,8 @@ def device_tag(
     """Set (KEY=VALUE) or remove (--remove KEY) a device's tags."""
     if not tags and not remove:
         raise InvalidInput("give KEY=VALUE tags to set or --remove KEY")
-    doc = client(server, token).patch(f"/devices/{device_id}/tags", {"set": parse_kv(tags or []), "remove": remove or []})
+    body = {"set": parse_kv(tags or []), "remove": remove or []}
+    doc = client(server, token).patch(f"/devices/{device_id}/tags", body)
     if json_out:
         emit_json(doc)
     else:

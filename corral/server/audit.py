@@ -49,7 +49,7 @@ async def record(db: AsyncSession, key: bytes, *, actor: str, action: str, targe
     detail = json.loads(json.dumps(detail or {}, default=str))  # plain JSON, as it will read back
     if True:
         stmt = select(Meta).where(Meta.key == HEAD_KEY)
-        if db.bind.dialect.name == "postgresql":
+        if db.get_bind().dialect.name == "postgresql":
             stmt = stmt.with_for_update()
         head = await db.scalar(stmt)
         if head is None:

@@ -27,7 +27,7 @@ class Bus(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def publish(self, subject: str, data: bytes) -> None: ...
-    def subscribe(self, pattern: str, handler: Handler) -> None: ...
+    async def subscribe(self, pattern: str, handler: Handler) -> None: ...
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -58,7 +58,7 @@ class LocalBus:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def subscribe(self, pattern: str, handler: Handler) -> None:
+    async def subscribe(self, pattern: str, handler: Handler) -> None:
         self._subs.append(_Sub(pattern, handler))
 
     async def publish(self, subject: str, data: bytes) -> None:
@@ -82,7 +82,8 @@ def make_bus(url: str) -> Bus:
     if url.startswith("nats://"):
         from corral.server.bus_nats import NatsBus
 
-        return NatsBus(url)
+        bus: Bus = NatsBus(url)
+        return bus
     from corral.errors import InvalidInput
 
     raise InvalidInput(f"unsupported bus {url!r}: use nats://HOST:PORT or leave empty for in-process")

@@ -41,9 +41,8 @@ class ServerContext:
     async def writer(self) -> AsyncIterator[AsyncSession]:
         """A write transaction, committed on success and rolled back on any error."""
         if self.sqlite:
-            async with self.write_lock, self.sessions() as s:
-                async with s.begin():
-                    yield s
+            async with self.write_lock, self.sessions() as s, s.begin():
+                yield s
         else:
             async with self.sessions() as s, s.begin():
                 yield s

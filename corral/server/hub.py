@@ -33,7 +33,7 @@ from corral import protocol as p
 from corral.core.admission import Action, decide
 from corral.server import registry
 from corral.server.context import ServerContext
-from corral.server.store.models import Device, DeviceCommand
+from corral.server.store.models import Device, DeviceCommand, Group
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ class Hub:
 
     async def start(self) -> None:
         bus = self.ctx.bus
-        bus.subscribe("device.*.command", self._on_command_queued)
-        bus.subscribe("device.*.close", self._on_close_request)
-        bus.subscribe("device.*.status", self._on_status_change)
-        bus.subscribe("command.*.done", self._on_command_done)
+        await bus.subscribe("device.*.command", self._on_command_queued)
+        await bus.subscribe("device.*.close", self._on_close_request)
+        await bus.subscribe("device.*.status", self._on_status_change)
+        await bus.subscribe("command.*.done", self._on_command_done)
         # Sessions this replica held before a restart are gone: mark their devices offline.
         async with self.ctx.writer() as db:
             await db.execute(
@@ -198,7 +198,7 @@ class Hub:
                 dev.enrollment_token_id = token.id
                 await registry.set_tags(db, dev.id, dict(token.tags or {}))
                 for g in token.groups or []:
-                    if await db.get(registry.Group, g) is not None:
+                    if await db.get(Group, g) is not None:
                         await registry.add_members(db, g, [dev.id])
                 await self.ctx.audit(db, actor, "device.enroll", dev.id,
                                      {"token": token.id, "tags": token.tags, "groups": token.groups})

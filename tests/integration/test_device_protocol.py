@@ -75,7 +75,8 @@ def test_forged_signature_and_mismatched_id_are_refused(shared_server: ServerPro
         ws = await open_ws(shared_server.ws_url)
         nonce = await challenge(ws)
         forged = p.Hello(device_id=victim.device_id, public_key=victim.public,
-                         signature=attacker.private.sign(p.hello_signing_payload(nonce, victim.device_id, victim.public)),
+                         signature=attacker.private.sign(
+                             p.hello_signing_payload(nonce, victim.device_id, victim.public)),
                          enroll_token=token)
         await ws.send(codec.encode(forged))
         codes.append(await close_code(ws))
@@ -168,7 +169,7 @@ def test_malformed_and_oversized_frames_after_welcome(shared_server: ServerProc)
 
     # and a well-behaved device still works afterwards
     async def ok() -> bool:
-        ws, body = await connect_device(shared_server.ws_url, key)
+        ws, _ = await connect_device(shared_server.ws_url, key)
         await ws.send(codec.encode(p.Heartbeat(seq=7)))
         _, ack = codec.expect(await asyncio.wait_for(ws.recv(), 5), p.HeartbeatAck)
         await ws.close()

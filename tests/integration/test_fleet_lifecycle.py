@@ -64,7 +64,8 @@ def test_enroll_tag_group_presence_decommission(server: ServerProc, tmp_path: Pa
     assert not device(server, dev_id)["online"]
     agent3 = start_agent(server, tmp_path / "agent1", token)
     agents.append(agent3)
-    assert wait_until(lambda: agent3.proc.poll() is not None, what="refused agent exits") and agent3.proc.returncode == 1
+    wait_until(lambda: agent3.proc.poll() is not None, what="refused agent exits")
+    assert agent3.proc.returncode == 1
     d = device(server, dev_id)
     assert d["status"] == "decommissioned" and not d["online"]
     # the token was not consumed by the refused attempt

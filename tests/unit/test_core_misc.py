@@ -38,7 +38,7 @@ def test_codec_round_trips_binary_and_json() -> None:
 def test_codec_ignores_unknown_fields_for_forward_compatibility() -> None:
     c = p.Codec()
     frame = b'{"type":"heartbeat","body":{"seq":3,"future":"field"},"ts":1,"extra":true}'
-    env, body = c.decode(frame.decode())
+    _, body = c.decode(frame.decode())
     assert body == p.Heartbeat(seq=3)
 
 

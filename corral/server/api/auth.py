@@ -126,7 +126,7 @@ async def change_user(name: str, body: UserChange, ctx: Ctx, who: Admin, request
             raise NotFound(f"no user {name!r}")
         if u.name == who.name and (body.disabled or (body.role and body.role != "admin")):
             raise Conflict("you cannot demote or disable yourself")
-        changes = {}
+        changes: dict[str, object] = {}
         if body.role is not None:
             changes["role"] = u.role = body.role
         if body.disabled is not None:
