@@ -207,38 +207,40 @@ async def _ref_server(port: int) -> None:
         await stop.wait()
 
 
-async def _ref_client(url: str, n: int, offset: int, rate: float, seed: int) -> None:
-    """``n`` sockets started as a Poisson process at ``rate``/s, like ``run_sim``; each echoes."""
+async def _ref_client(url: str, n: int, offset: int, in_flight: int) -> None:
+    """``n`` sockets, at most ``in_flight`` of them opening at a time (as the Corral clients);
+    each echoes every frame it receives."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
     from websockets.typing import Subprotocol
 
     stop = _stop_event()
-    rng = random.Random(seed)
+    gate = asyncio.Semaphore(in_flight)
     failed = [0]
 
     async def device(i: int) -> None:
+        opened = False
         try:
             async with connect(url, subprotocols=[Subprotocol("corral.v1")], compression=None,
                                ping_interval=None, max_size=1 << 20, open_timeout=30) as ws:
                 await ws.send(str(i))
+                gate.release()
+                opened = True
                 async for msg in ws:
                     await ws.send(msg)
         except (ConnectionClosed, OSError, TimeoutError):
             failed[0] += 1
+        finally:
+            if not opened:
+                gate.release()
 
     print(json.dumps({"started": time.time()}), flush=True)
     tasks = []
-    loop = asyncio.get_running_loop()
-    at = loop.time()
     for i in range(n):
-        delay = at - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(device(offset + i)))
-        at += rng.expovariate(rate)
+        await gate.acquire()
         if stop.is_set():
             break
+        tasks.append(asyncio.create_task(device(offset + i)))
     await stop.wait()
     for t in tasks:
         t.cancel()
@@ -246,7 +248,7 @@ async def _ref_client(url: str, n: int, offset: int, rate: float, seed: int) -> 
     print(f"ref client: {failed[0]} sockets failed", file=sys.stderr, flush=True)
 
 
-def run_reference(tmp: Path, n: int, clients: int, rate: float, sample: list[int], timeout: float
+def run_reference(tmp: Path, n: int, clients: int, in_flight: int, sample: list[int], timeout: float
                   ) -> dict[str, Any]:
     from websockets.sync.client import connect
     from websockets.typing import Subprotocol
@@ -275,7 +277,7 @@ def run_reference(tmp: Path, n: int, clients: int, rate: float, sample: list[int
             offset = 0
             for k, share in enumerate(_spread(n, clients)):
                 procs.append(_spawn(["--role", "ref-client", "--url", url, "--devices", str(share), "--offset",
-                                     str(offset), "--start-rate", str(rate / clients), "--seed", str(k)], logs[k]))
+                                     str(offset), "--in-flight", str(max(1, in_flight // clients))], logs[k]))
                 offset += share
             t_start = _started_at(procs, logs)
 
@@ -320,12 +322,68 @@ def run_reference(tmp: Path, n: int, clients: int, rate: float, sample: list[int
 # --- Corral ---------------------------------------------------------------------------------------
 
 
+async def _gated_fleet(a: argparse.Namespace, stop: asyncio.Event) -> int:
+    """The devices of ``run_sim`` (same agent, identity, platform and shared generator), but
+    started closed-loop: a device starts when fewer than ``in_flight`` started devices are still
+    connecting. The server sees connections as fast as it can take them, never a backlog that
+    outlives the agents' 10 s handshake timeout."""
+    from corral.agent.config import config_from_dict
+    from corral.agent.connection import Agent
+    from corral.agent.identity import Identity, StateStore
+    from corral.agent.platform.sim import SimPlatform, sim_hostname
+
+    cfg = config_from_dict({"server": a.server, "state_dir": a.state_dir})
+    rng = random.Random(a.seed)
+    state_dir = Path(a.state_dir)
+    agents: list[Agent | None] = [None] * a.devices
+    tasks: list[asyncio.Task[Any]] = []
+
+    def load(i: int) -> tuple[Identity, StateStore]:
+        d = state_dir / sim_hostname(i)
+        return Identity.load_or_create(d), StateStore(d)
+
+    async def device(i: int) -> None:
+        identity, store = await asyncio.to_thread(load, i)
+        platform = SimPlatform(i, a.seed, ("rpi4", "imx8mm"), rng=rng)
+        agent = Agent(cfg, identity, platform, store=store, rng=rng, enroll_token=a.token)
+        agents[i] = agent
+        await agent.run()
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(5)
+            up = sum(1 for x in agents if x is not None and x.connected)
+            print(f"sim: {up}/{a.devices} connected, {len(tasks)} started", file=sys.stderr, flush=True)
+
+    reporter = asyncio.create_task(report())
+    connecting: list[int] = []
+    print(json.dumps({"started": time.time()}), flush=True)
+    for i in range(a.devices):
+        while not stop.is_set():
+            connecting = [j for j in connecting if (x := agents[j]) is None or not x.connected]
+            if len(connecting) < a.in_flight:
+                break
+            await asyncio.sleep(0.002)
+        if stop.is_set():
+            break
+        tasks.append(asyncio.create_task(device(i)))
+        connecting.append(i)
+    await stop.wait()
+    reporter.cancel()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(reporter, *tasks, return_exceptions=True)
+    return 0
+
+
 def _sim_client(a: argparse.Namespace) -> int:
     from corral.agent.main import run_until_signalled, setup_logging
     from corral.sim.runner import run_sim
 
     setup_logging("warning")
     raise_nofile()
+    if a.in_flight > 0:
+        return run_until_signalled(lambda stop: _gated_fleet(a, stop))
     print(json.dumps({"started": time.time()}), flush=True)
     return run_until_signalled(lambda stop: run_sim(
         a.server, [a.token], a.devices, Path(a.state_dir), ["rpi4", "imx8mm"], a.seed, stop,
@@ -362,8 +420,8 @@ def _succeeded(db_path: Path, since: float) -> tuple[int, float | None]:
         con.close()
 
 
-def run_corral(tmp: Path, n: int, clients: int, rate: float, sample_size: int, concurrency: int,
-               timeout: float, seed: int) -> dict[str, Any]:
+def run_corral(tmp: Path, n: int, clients: int, in_flight: int, open_loop_rate: float, sample_size: int,
+               concurrency: int, timeout: float, seed: int) -> dict[str, Any]:
     server = CorralServer(tmp / "corral")
     server.init()
     server.start()
@@ -382,7 +440,9 @@ def run_corral(tmp: Path, n: int, clients: int, rate: float, sample_size: int, c
         for k, share in enumerate(_spread(n, clients)):
             procs.append(_spawn(["--role", "sim-client", "--server", server.url, "--token", token, "--devices",
                                  str(share), "--state-dir", str(tmp / f"sim-{k}"), "--seed", str(k + 1),
-                                 "--start-rate", str(rate / clients)], logs[k]))
+                                 "--start-rate", str(open_loop_rate / clients),
+                                 "--in-flight", str(0 if open_loop_rate else max(1, in_flight // clients))],
+                                logs[k]))
         t_start = _started_at(procs, logs)
 
         def alive() -> None:
@@ -459,13 +519,17 @@ def run_corral(tmp: Path, n: int, clients: int, rate: float, sample_size: int, c
 # --- the benchmark --------------------------------------------------------------------------------
 
 
-def run(n: int, clients: int, rate: float, sample_size: int, concurrency: int, quick: bool,
-        skip_reference: bool = False, seed: int = 7) -> dict[str, Any]:
+def run(n: int, clients: int, in_flight: int, sample_size: int, concurrency: int, quick: bool,
+        skip_reference: bool = False, open_loop_rate: float = 0.0, seed: int = 7) -> dict[str, Any]:
     nofile = raise_nofile()
     if nofile < n + 1024:
         raise SystemExit(f"the open-file limit is {nofile}; {n} connections need at least {n + 1024}")
-    params = {"devices": n, "client_processes": clients, "offered_connect_rate": rate,
-              "rtt_sample": sample_size, "fanout_concurrency": concurrency}
+    params: dict[str, Any] = {"devices": n, "client_processes": clients, "rtt_sample": sample_size,
+                              "fanout_concurrency": concurrency}
+    if open_loop_rate:
+        params["open_loop_connect_rate"] = open_loop_rate
+    else:
+        params["handshakes_in_flight"] = in_flight
     result = new_result("connections", "Connections: N agents on one server process", params, quick)
     result["method"] = (
         f"{n:,} simulated devices (`corral.sim.runner.run_sim`: real agents, real Ed25519 "
@@ -492,12 +556,12 @@ def run(n: int, clients: int, rate: float, sample_size: int, concurrency: int, q
     ref: dict[str, Any] = {}
     if not skip_reference:
         sample = random.Random(seed).sample(range(n), min(sample_size, n))
-        ref = run_reference(tmp, n, clients, rate, sample, timeout)
+        ref = run_reference(tmp, n, clients, in_flight, sample, timeout)
         result["details"]["reference"] = ref
         print(f"connections: reference: {ref['connected']:,} connected, "
               f"{ref['rss_per_conn'] / 1024:.1f} KiB/conn, rtt p99 {ref['rtt_ms']['p99']:.2f} ms, "
               f"broadcast {ref['broadcast_s'] * 1000:.0f} ms", flush=True)
-    cor = run_corral(tmp, n, clients, rate, sample_size, concurrency, timeout, seed)
+    cor = run_corral(tmp, n, clients, in_flight, open_loop_rate, sample_size, concurrency, timeout, seed)
     result["details"]["corral"] = cor
 
     def g(d: dict[str, Any], *keys: str) -> Any:
@@ -517,7 +581,7 @@ def run(n: int, clients: int, rate: float, sample_size: int, concurrency: int, q
                goal=f"≥ {DEVICES_GOAL:,}", met=all_connected and n >= DEVICES_GOAL, better="higher",
                note=f"of {n:,} started"),
         Figure("connect rate", cor["connect_rate"], "conn/s", g(ref, "connect_rate"), better="higher",
-               note=f"all N from the first client's start, offered {rate:,.0f}/s"),
+               note="all N, from the first client's start"),
         Figure("connect rate, 10 %→90 % of N", cor["ramp_rate"], "conn/s", g(ref, "ramp_rate"), better="higher"),
         Figure("server RSS per connection", mem, "KiB", mem_ref,
                goal=f"≤ {MEMORY_GOAL_RATIO:g}× reference",
@@ -556,7 +620,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.connections", description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--clients", type=int, default=2, help="client processes (each runs N/clients agents)")
-    ap.add_argument("--rate", type=float, default=1000.0, help="offered connect rate, all clients together (/s)")
+    ap.add_argument("--in-flight", type=int, default=64,
+                    help="connections opening at a time, all clients together (closed loop)")
+    ap.add_argument("--open-loop-rate", type=float, default=0.0,
+                    help="instead: start agents with run_sim as a Poisson process at this rate (/s, all clients)")
     ap.add_argument("--sample", type=int, default=200, help="devices in the round-trip sample")
     ap.add_argument("--concurrency", type=int, default=64, help="fan-out requests in flight")
     ap.add_argument("--skip-reference", action="store_true")
@@ -581,11 +648,12 @@ def main(argv: list[str] | None = None) -> None:
             if a.role == "ref-server":
                 runner.run(_ref_server(a.port))
             else:
-                runner.run(_ref_client(a.url, a.devices, a.offset, a.start_rate, a.seed))
+                runner.run(_ref_client(a.url, a.devices, a.offset, a.in_flight))
         return
     if a.quick:
         a.devices, a.clients, a.sample = min(a.devices, 200), 1, min(a.sample, 30)
-    result = run(a.devices, a.clients, a.rate, a.sample, a.concurrency, a.quick, a.skip_reference)
+    result = run(a.devices, a.clients, a.in_flight, a.sample, a.concurrency, a.quick, a.skip_reference,
+                 a.open_loop_rate)
     finish(result, docs=not a.no_docs)
 
 

@@ -63,6 +63,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     heartbeat_timeout_factor: float = 2.5
     #: the largest frame accepted from the server (bytes)
     max_frame_bytes: int = 1024 * 1024
+    #: "auto" (HTTPS_PROXY / ALL_PROXY / NO_PROXY from the environment), "none", or a proxy URL
+    #: (http://, https://, socks5h:// with python-socks installed)
+    proxy: str = "auto"
     #: permessage-deflate; off by default: frames are small and zlib state costs ~100 KiB/socket
     compression: bool = False
     #: what the ``reboot`` command runs on a real device
@@ -87,9 +90,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
             try:
                 text = self.enroll_token_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise InvalidInput(
-                    f"enroll_token_file {self.enroll_token_file}: {exc.strerror or exc}"
-                ) from None
+                raise InvalidInput(f"enroll_token_file {self.enroll_token_file}: {exc.strerror or exc}") from None
             return text or None
         return None
 
@@ -131,6 +132,10 @@ def _validate(cfg: AgentConfig) -> None:
         (b.cap >= b.base, f"backoff.cap must be >= backoff.base ({b.base}), got {b.cap}"),
         (b.reset_after >= 0, f"backoff.reset_after must be >= 0, got {b.reset_after}"),
         (cfg.log_level in _LOG_LEVELS, f"log_level must be one of {', '.join(_LOG_LEVELS)}"),
+        (
+            cfg.proxy in ("auto", "none") or "://" in cfg.proxy,
+            f'proxy must be "auto", "none" or a proxy URL, got {cfg.proxy!r}',
+        ),
         (
             cfg.enroll_token is None or cfg.enroll_token_file is None,
             "give enroll_token or enroll_token_file, not both",

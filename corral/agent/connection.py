@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import random
 from typing import Any
@@ -36,12 +37,14 @@ from typing import Any
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.proxy import get_proxy
 from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 import corral
 from corral import protocol
 from corral.agent.commands import BUILTIN_COMMANDS, CommandRegistry
-from corral.agent.config import AgentConfig
+from corral.agent.config import AgentConfig, device_ws_url
 from corral.agent.identity import AgentState, Identity, StateStore
 from corral.agent.platform.base import Platform
 from corral.core.backoff import Backoff, BackoffPolicy
@@ -78,9 +81,7 @@ _CLOSE_MESSAGES: dict[int, str] = {
     CloseCode.TOO_BIG: "a frame was too large for the server",
     CloseCode.SERVER_SHUTDOWN: "the server is shutting down",
     CloseCode.MALFORMED: "the server could not understand this agent",
-    CloseCode.AUTH_FAILED: (
-        "authentication failed (wrong, expired or used-up enrollment token, or unknown key)"
-    ),
+    CloseCode.AUTH_FAILED: ("authentication failed (wrong, expired or used-up enrollment token, or unknown key)"),
     CloseCode.REFUSED: "refused by the server: the device was rejected or decommissioned",
     CloseCode.TIMEOUT: "the server timed the session out",
     CloseCode.REPLACED: "replaced by another connection of this device",
@@ -95,6 +96,21 @@ def close_action(code: int | None) -> tuple[CloseAction, str]:
     if code is None:
         return CloseAction.RECONNECT, "connection lost"
     return CloseAction.RECONNECT, _CLOSE_MESSAGES.get(code, f"closed with code {code}")
+
+
+@functools.cache
+def connect_target(server: str, proxy: str) -> tuple[str, str | None]:
+    """(device WebSocket URL, proxy URL or None) for a server and the ``proxy`` setting.
+
+    Resolved once per process: looking the proxy up in the environment on every attempt costs
+    more than the rest of a reconnect when the simulator runs thousands of agents.
+    """
+    url = device_ws_url(server)
+    if proxy == "none":
+        return url, None
+    if proxy == "auto":
+        return url, get_proxy(parse_uri(url))
+    return url, proxy
 
 
 def build_hello(
@@ -209,10 +225,11 @@ class Agent:
 
     async def _connect_once(self) -> tuple[CloseAction, str]:
         cfg = self.config
-        url = cfg.device_url
+        url, proxy = connect_target(cfg.server, cfg.proxy)
         try:
             async with connect(
                 url,
+                proxy=proxy,
                 subprotocols=[Subprotocol(protocol.PROTOCOL)],
                 max_size=cfg.max_frame_bytes,
                 open_timeout=cfg.connect_timeout,
@@ -251,17 +268,23 @@ class Agent:
         return CloseAction.RECONNECT, "connection ended"
 
     async def _session(self, ws: ClientConnection) -> None:
-        welcome = await self._handshake(ws)
+        welcome, sent_token = await self._handshake(ws)
         loop = asyncio.get_running_loop()
         if welcome.status in ("rejected", "decommissioned"):
             # servers close with 4403 instead; a welcome saying so means the same
             _, why = close_action(CloseCode.REFUSED)
             raise _SessionEnd(CloseCode.NORMAL, why, CloseAction.STOP)
+        if welcome.status == "pending" and self._token and not sent_token:
+            # Accepted once, so the token was held back -- but this server does not know the
+            # device (a new database): enroll again with the token instead of waiting for an
+            # operator. The state now says "not enrolled", so the next hello carries it.
+            await self._set_status("pending")
+            raise _SessionEnd(CloseCode.NORMAL, "the server no longer knows this device; enrolling again")
         self.connected = True
         self.last_close_code = None
         self._auth_failed = False
         self.backoff.connected(loop.time())
-        await self._set_status(welcome.status, device_id=welcome.device_id)
+        await self._set_status(welcome.status)
         log.info(
             "device %s: connected to %s (%s, session %s)",
             self._tag,
@@ -273,21 +296,23 @@ class Agent:
         interval = min(max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL), MAX_HEARTBEAT_INTERVAL)
         await self._serve(ws, interval)
 
-    async def _handshake(self, ws: ClientConnection) -> protocol.Welcome:
+    async def _handshake(self, ws: ClientConnection) -> tuple[protocol.Welcome, bool]:
+        """challenge → hello → welcome; returns the welcome and whether hello carried the token."""
         async with asyncio.timeout(self.config.connect_timeout):
             _, challenge = self._decode(await ws.recv())
             if not isinstance(challenge, protocol.Challenge):
                 raise _SessionEnd(CloseCode.MALFORMED, "expected a challenge")
             if challenge.protocol != protocol.PROTOCOL:
                 log.warning("device %s: server speaks %s", self._tag, challenge.protocol)
-            hello = build_hello(self.identity, challenge, self._hello_token())
+            token = self._hello_token()
+            hello = build_hello(self.identity, challenge, token)
             await ws.send(_CODEC.encode(hello))
             while True:
                 _, body = self._decode(await ws.recv())
                 if isinstance(body, protocol.Welcome):
                     if body.device_id and body.device_id != self.identity.device_id:
                         log.warning("device %s: server welcomed %s", self._tag, body.device_id)
-                    return body
+                    return body, token is not None
                 if isinstance(body, protocol.Error):
                     log.warning("device %s: server error %s: %s", self._tag, body.code, body.message)
 
@@ -315,15 +340,25 @@ class Agent:
             if now >= next_beat:
                 seq += 1
                 await ws.send(_CODEC.encode(protocol.Heartbeat(seq=seq)))
-                next_beat = max(next_beat + interval, now)  # no burst after a stall
-                continue
-            if now - last_rx >= silence_limit:
-                raise _SessionEnd(CloseCode.TIMEOUT, f"no frame from the server for {silence_limit:.1f} s")
+                next_beat += interval
+                if next_beat <= now:  # after a stall: no burst of missed beats
+                    next_beat = now + interval
+            silent_at = last_rx + silence_limit
             try:
-                async with asyncio.timeout_at(min(next_beat, last_rx + silence_limit)):
+                async with asyncio.timeout_at(min(next_beat, silent_at)):
                     frame = await ws.recv()
             except TimeoutError:
-                continue
+                if loop.time() < silent_at:
+                    continue  # time for a heartbeat
+                # Silent too long -- or this process was too busy to read (a loaded simulator):
+                # one short last chance before blaming the server.
+                try:
+                    async with asyncio.timeout(min(interval, 1.0)):
+                        frame = await ws.recv()
+                except TimeoutError:
+                    raise _SessionEnd(
+                        CloseCode.TIMEOUT, f"no frame from the server for {silence_limit:.1f} s"
+                    ) from None
             last_rx = loop.time()
             envelope_id, body = self._decode(frame)
             if isinstance(body, protocol.Command):
@@ -336,7 +371,7 @@ class Agent:
 
     # --- state --------------------------------------------------------------------------------
 
-    async def _set_status(self, status: str, device_id: str | None = None) -> None:
+    async def _set_status(self, status: str) -> None:
         self.status = status
         store = self.store
         if store is None:

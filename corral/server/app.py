@@ -51,7 +51,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(api_errors.RequestIdMiddleware)
+    app.add_middleware(api_errors.BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
+    app.add_middleware(api_errors.RequestIdMiddleware)  # outermost: every response carries an id
     api_errors.install(app)
 
     from corral.server.api import audit, auth, devices, enrollment, groups

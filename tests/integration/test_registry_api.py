@@ -251,3 +251,25 @@ def test_audit_truncated_tail_is_detected(shared_server: ServerProc) -> None:
     con.close()
     r = s.cli("audit", "verify")
     assert r.returncode == 1 and "truncated" in r.stderr
+
+
+def test_service_endpoints_and_body_limit(shared_server: ServerProc) -> None:
+    import httpx
+
+    s = shared_server
+    health = httpx.get(s.url + "/healthz").json()
+    assert health["status"] == "ok"
+    spec = httpx.get(s.url + "/openapi.json").json()
+    for path in ("/api/v1/devices", "/api/v1/groups", "/api/v1/enrollment-tokens", "/api/v1/audit",
+                 "/api/v1/auth/login"):
+        assert path in spec["paths"], path
+    assert httpx.get(s.url + "/").status_code == 200
+    r = s.api("GET", "/devices", headers={"X-Request-ID": "trace-123"})
+    assert r.headers["x-request-id"] == "trace-123"
+    before = audit_head(s)
+    big = {"set": {"k": "v"}, "pad": "x" * (2 << 20)}
+    r = s.api("PATCH", "/devices/whatever/tags", json=big)
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+    r = s.api("POST", "/groups", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_input"
+    assert audit_head(s) == before

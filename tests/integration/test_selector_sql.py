@@ -53,35 +53,40 @@ from corral.server.store.selector_sql import to_sql
 POSTGRES_URL = os.environ.get("CORRAL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 # --------------------------------------------------------------------------------------------
-# Value pools
+# Value pools. Each example draws a small sub-pool and builds both its fleet and its selectors
+# from it, so selectors hit, miss and nearly-miss real values ("a%b" against "axb") all the time,
+# while across examples every value gets its turn.
 # --------------------------------------------------------------------------------------------
 
 STRINGS = [
     "berlin", "Berlin", "b", "B", "", "é", "z", "Ärger", "a%b", "a_b", "axb", "a*b", "a?b",
     "[x]", "x", "back\\slash", "2.0", "10", "9", "1.9.2", "true", "quote'\"", "line\nbreak", "😀",
 ]  # fmt: skip
+# Exact in binary and short in decimal, int64 edges, and 2**53 + 1, which only equals 2**53
+# when both sides are compared as doubles (the documented semantics).
+NUMBERS: list[int | float] = [0, 1, -1, 3, 10, 2.5, 0.125, -3.75, 0.1, 1e-07, 1e10]
+NUMBERS += [2**53, 2**53 + 1, 2**63 - 1, -(2**63)]
 TAG_KEYS = ["site", "env", "a-b", "0"]
 ATTR_KEYS = ["os_version", "software", "demo", "n", "x-y", "0"]
 GROUPS = ["canary", "berlin-east", "b_x", "B%"]
 STATUSES = ["pending", "accepted", "rejected", "decommissioned"]
-# Exact in binary and short in decimal, plus int64 edges and float rounding cases.
-NUMBERS: list[int | float] = [0, 1, -1, 3, 10, 2.5, 0.125, -3.75, 0.1, 1e-07, 1e10]
-NUMBERS += [2**53, 2**53 + 1, 2**63 - 1, -(2**63)]
 GLOB_PIECES = ["*", "?", "b", "B", "e", "a", "%", "_", "[", "x", "\\", "é", "1", "."]
 ID_ALPHABET = "abAB09-_é"
 
-strings = st.sampled_from(STRINGS)
-numbers = st.sampled_from(NUMBERS)
 
-json_scalars = st.one_of(strings, numbers, st.booleans(), st.none())
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=2),
-        st.dictionaries(st.sampled_from(ATTR_KEYS), inner, max_size=3),
-    ),
-    max_leaves=6,
-)
+@dataclass(frozen=True)
+class Pools:
+    strings: list[str]
+    numbers: list[int | float]
+    tag_keys: list[str]
+    attr_keys: list[str]
+
+
+def _subset(values: list[Any], most: int) -> st.SearchStrategy[list[Any]]:
+    return st.lists(st.sampled_from(values), min_size=1, max_size=most, unique=True)
+
+
+pools = st.builds(Pools, _subset(STRINGS, 4), _subset(NUMBERS, 3), _subset(TAG_KEYS, 2), _subset(ATTR_KEYS, 3))
 
 
 @dataclass(frozen=True)
@@ -97,21 +102,29 @@ class FakeDevice:
         return DeviceView(self.id, self.status, self.online, self.tags, self.inventory, self.groups)
 
 
-devices = st.builds(
-    FakeDevice,
-    id=st.text(ID_ALPHABET, min_size=1, max_size=6),
-    status=st.sampled_from(STATUSES),
-    online=st.booleans(),
-    tags=st.dictionaries(st.sampled_from(TAG_KEYS), strings, max_size=3),
-    inventory=st.dictionaries(st.sampled_from(ATTR_KEYS), json_values, max_size=4),
-    groups=st.frozensets(st.sampled_from(GROUPS), max_size=2),
-)
-fleets = st.lists(devices, max_size=7, unique_by=lambda d: d.id)
+def fleets(pool: Pools) -> st.SearchStrategy[list[FakeDevice]]:
+    strings = st.sampled_from(pool.strings)
+    attr_keys = st.sampled_from(pool.attr_keys)
+    scalars = st.one_of(strings, st.sampled_from(pool.numbers), st.booleans(), st.none())
+    json_values = st.recursive(
+        scalars,
+        lambda inner: st.one_of(st.lists(inner, max_size=2), st.dictionaries(attr_keys, inner, max_size=3)),
+        max_leaves=6,
+    )
+    device = st.builds(
+        FakeDevice,
+        id=st.text(ID_ALPHABET, min_size=1, max_size=6),
+        status=st.sampled_from(STATUSES),
+        online=st.booleans(),
+        tags=st.dictionaries(st.sampled_from(pool.tag_keys), strings, max_size=2),
+        inventory=st.dictionaries(attr_keys, json_values, max_size=3),
+        groups=st.frozensets(st.sampled_from(GROUPS), max_size=2),
+    )
+    return st.lists(device, max_size=7, unique_by=lambda d: d.id)
+
 
 # --------------------------------------------------------------------------------------------
-# Selector strategy: well-typed ASTs (they also go through unparse + parse). Literals, keys and
-# paths are drawn from the fleet under test as well as from the pools, and globs are made by
-# punching wildcards into real values, so that near-misses ("a%b" against "axb") are common.
+# Selectors: well-typed ASTs over the same pools (they also go through unparse + parse).
 # --------------------------------------------------------------------------------------------
 
 ops = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])
@@ -124,21 +137,9 @@ def _tuples(values: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[Any, ...]
     return st.lists(values, max_size=3).map(tuple)
 
 
-def _json_leaves(value: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-    """Every (path, value) inside an inventory, objects included (lists are leaves: no keys)."""
-    found = [(path, value)] if path else []
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            found += _json_leaves(inner, (*path, key))
-    return found
-
-
-def _pool(seen: list[Any], fallback: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    return st.one_of(st.sampled_from(seen), fallback) if seen else fallback
-
-
 @st.composite
 def _globs(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
+    """A random pattern, or a real value with wildcards punched in (likely to nearly match)."""
     if draw(st.booleans()):
         return "".join(draw(st.lists(st.sampled_from(GLOB_PIECES), max_size=5)))
     chars = [ch if (pick := draw(st.sampled_from("kkk?*"))) == "k" else pick for ch in draw(values)]
@@ -147,46 +148,34 @@ def _globs(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
     return "".join(chars)
 
 
-def selectors_for(fleet: list[FakeDevice]) -> st.SearchStrategy[Node]:
-    inventory_leaves = [leaf for d in fleet for leaf in _json_leaves(d.inventory)]
-    seen_strings = sorted(
-        {v for _, v in inventory_leaves if isinstance(v, str)} | {v for d in fleet for v in d.tags.values()}
-    )
-    seen_numbers = sorted(
-        {v for _, v in inventory_leaves if isinstance(v, int | float) and not isinstance(v, bool)}
-    )
-    seen_paths = sorted({path for path, _ in inventory_leaves})
-    seen_ids = sorted(d.id for d in fleet)
+def selectors(pool: Pools, fleet: list[FakeDevice]) -> st.SearchStrategy[Node]:
+    strings = st.sampled_from(pool.strings)
+    ids = st.one_of(st.sampled_from([d.id for d in fleet] or ["x"]), st.text(ID_ALPHABET, max_size=6))
+    tag_fields = st.sampled_from(pool.tag_keys).map(lambda key: Field("tag", (key,)))
+    attr_paths = st.lists(st.sampled_from(pool.attr_keys), min_size=1, max_size=3)
+    attr_fields = attr_paths.map(lambda path: Field("attr", tuple(path)))
+    attr_literals = st.one_of(strings.map(Str), st.sampled_from(pool.numbers).map(Num))
+    group_field = st.just(Field("group"))
 
-    values = _pool(seen_strings, strings)
-    ids = _pool(seen_ids, st.text(ID_ALPHABET, min_size=1, max_size=6))
-    tag_fields = _pool(sorted({k for d in fleet for k in d.tags}), st.sampled_from(TAG_KEYS)).map(
-        lambda key: Field("tag", (key,))
-    )
-    random_paths = st.lists(st.sampled_from(ATTR_KEYS), min_size=1, max_size=3).map(tuple)
-    attr_fields = _pool(seen_paths, random_paths).map(lambda path: Field("attr", path))
-    attr_literals = st.one_of(values.map(Str), _pool(seen_numbers, numbers).map(Num))
-
-    def string_leaves(fld: st.SearchStrategy[Field], pool: st.SearchStrategy[str]) -> st.SearchStrategy[Node]:
+    def string_leaves(fld: st.SearchStrategy[Field], values: st.SearchStrategy[str]) -> st.SearchStrategy[Node]:
         return st.one_of(
-            st.builds(Compare, fld, ops, pool.map(Str)),
-            st.builds(Match, fld, _globs(pool)),
-            st.builds(In, fld, _tuples(pool.map(Str)), st.booleans()),
+            st.builds(Compare, fld, ops, values.map(Str)),
+            st.builds(Match, fld, _globs(values)),
+            st.builds(In, fld, _tuples(values.map(Str)), st.booleans()),
         )
 
-    group_field = st.just(Field("group"))
     leaves: st.SearchStrategy[Node] = st.one_of(
         st.builds(Compare, st.just(Field("online")), eq_ops, st.booleans().map(Bool)),
         st.builds(Compare, st.just(Field("status")), eq_ops, statuses),
         st.builds(In, st.just(Field("status")), _tuples(statuses), st.booleans()),
         string_leaves(st.just(Field("id")), ids),
-        string_leaves(tag_fields, values),
+        string_leaves(tag_fields, strings),
         st.builds(Compare, group_field, eq_ops, groups.map(Str)),
         st.builds(Match, group_field, _globs(groups)),
         st.builds(In, group_field, _tuples(groups.map(Str)), st.booleans()),
         st.builds(Compare, attr_fields, ops, attr_literals),
         st.builds(Compare, attr_fields, eq_ops, st.booleans().map(Bool)),
-        st.builds(Match, attr_fields, _globs(values)),
+        st.builds(Match, attr_fields, _globs(strings)),
         st.builds(In, attr_fields, _tuples(attr_literals), st.booleans()),
         st.builds(Exists, st.one_of(tag_fields, attr_fields)),
     )
@@ -265,8 +254,9 @@ def _run_property(runner: asyncio.Runner, engine: AsyncEngine) -> None:
     )
     @given(data=st.data())
     def push_down_matches_evaluate(data: st.DataObject) -> None:
-        fleet = data.draw(fleets, label="fleet")
-        nodes = data.draw(st.lists(selectors_for(fleet), min_size=1, max_size=6), label="selectors")
+        pool = data.draw(pools, label="pools")
+        fleet = data.draw(fleets(pool), label="fleet")
+        nodes = data.draw(st.lists(selectors(pool, fleet), min_size=1, max_size=6), label="selectors")
         runner.run(_check(engine, fleet, nodes))
 
     push_down_matches_evaluate()

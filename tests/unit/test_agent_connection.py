@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 import corral
 from corral import protocol
 from corral.agent.config import AgentConfig, config_from_dict
-from corral.agent.connection import CloseAction, build_hello, close_action
+from corral.agent.connection import CloseAction, build_hello, close_action, connect_target
 from corral.agent.identity import Identity
 from corral.agent.main import run_agent
 from corral.agent.platform.sim import SimPlatform
@@ -62,8 +62,8 @@ class FakeHub:
         self.hello_by_conn: dict[int, protocol.Hello] = {}
         self.close_codes: dict[int, int | None] = {}
         self.sockets: dict[int, ServerConnection] = {}
-        self.queues: defaultdict[str, asyncio.Queue[tuple[int, int, protocol.Envelope | None, Any]]] = (
-            defaultdict(asyncio.Queue)
+        self.queues: defaultdict[str, asyncio.Queue[tuple[int, int, protocol.Envelope | None, Any]]] = defaultdict(
+            asyncio.Queue
         )
         self._order = itertools.count()
         self._server: Server | None = None
@@ -141,9 +141,7 @@ class FakeHub:
                 env, body = self.codec.decode(frame)
                 self._record(env.type, n, env, body)
                 if isinstance(body, protocol.Heartbeat) and n not in self.silent:
-                    await ws.send(
-                        self.codec.encode(protocol.HeartbeatAck(seq=body.seq, server_time=time.time()))
-                    )
+                    await ws.send(self.codec.encode(protocol.HeartbeatAck(seq=body.seq, server_time=time.time())))
         except ConnectionClosed:
             pass
         finally:
@@ -157,6 +155,7 @@ def agent_config(hub: FakeHub, state_dir: Path, **extra: Any) -> AgentConfig:
             "server": hub.url,
             "state_dir": str(state_dir),
             "connect_timeout": 5.0,
+            "proxy": "none",  # loopback, whatever the environment says
             "close_timeout": 2.0,
             "backoff": {"base": 0.01, "cap": 0.05, "reset_after": 60.0},
             **extra,
@@ -201,6 +200,20 @@ def test_close_actions() -> None:
     assert "replaced" in close_action(4409)[1]
 
 
+def test_connect_target_resolves_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("https_proxy", "http://proxy.lan:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    connect_target.cache_clear()
+    try:
+        url = "wss://fleet.example.com/device/v1/connect"
+        assert connect_target("https://fleet.example.com", "auto") == (url, "http://proxy.lan:3128")
+        assert connect_target("https://fleet.example.com", "none") == (url, None)
+        assert connect_target("https://fleet.example.com", "socks5h://s:1080") == (url, "socks5h://s:1080")
+    finally:
+        connect_target.cache_clear()
+
+
 def test_hello_proves_possession_of_the_key() -> None:
     ident = Identity.generate()
     nonce = os.urandom(32)
@@ -214,9 +227,7 @@ def test_hello_proves_possession_of_the_key() -> None:
     key = Ed25519PublicKey.from_public_bytes(hello.public_key)
     key.verify(hello.signature, protocol.hello_signing_payload(nonce, ident.device_id, ident.public_key_raw))
     with pytest.raises(InvalidSignature):  # bound to the nonce: no replay
-        key.verify(
-            hello.signature, protocol.hello_signing_payload(b"x" * 32, ident.device_id, ident.public_key_raw)
-        )
+        key.verify(hello.signature, protocol.hello_signing_payload(b"x" * 32, ident.device_id, ident.public_key_raw))
     assert build_hello(ident, protocol.Challenge(nonce=nonce, server_time=0.0), None).enroll_token is None
 
 
@@ -335,14 +346,36 @@ def test_an_auth_failure_after_enrollment_presents_the_token_again(tmp_path: Pat
         async with FakeHub() as hub:
             cfg = agent_config(hub, tmp_path, enroll_token="good-token")
             async with Running(cfg):
+                assert (await hub.next("hello"))[3].enroll_token == "good-token"
                 await hub.next("inventory")
             assert read_state(tmp_path)["enrolled"] is True
             hub.status.clear()
             hub.policy = lambda n, hello: protocol.CloseCode.AUTH_FAILED if not hello.enroll_token else None
             async with Running(cfg):
-                tokens = [(await hub.next("hello"))[3].enroll_token for _ in range(3)]
-                assert tokens == ["good-token", None, "good-token"]
+                tokens = [(await hub.next("hello"))[3].enroll_token for _ in range(2)]
+                assert tokens == [None, "good-token"]
+                _, conn, _, _ = await hub.next("inventory")
+                assert conn == 3
+
+    asyncio.run(scenario())
+
+
+def test_an_enrolled_device_the_server_forgot_enrolls_again_with_its_token(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with FakeHub() as hub:
+            cfg = agent_config(hub, tmp_path, enroll_token="good-token")
+            async with Running(cfg):
+                await hub.next("hello")
                 await hub.next("inventory")
+            hub.status.clear()  # a server with a new database: the key is unknown, so "pending"
+            async with Running(cfg):
+                tokens = [(await hub.next("hello"))[3].enroll_token for _ in range(2)]
+                assert tokens == [None, "good-token"]
+                _, conn, _, _ = await hub.next("inventory")
+                assert conn == 3  # reported on the accepted connection only
+                await hub.send(conn, protocol.Command(name="ping"), id="sync")
+                await hub.next("command_result")
+            assert read_state(tmp_path)["status"] == "accepted"
 
     asyncio.run(scenario())
 

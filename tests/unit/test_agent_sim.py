@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from corral import protocol
+from corral.agent.config import config_from_dict
 from corral.errors import InvalidInput
 from corral.sim.runner import main_sim, run_sim
 from tests.unit.test_agent_connection import GUARD, FakeHub
@@ -33,6 +34,7 @@ async def run_until_connected(
             start_rate=1000.0,
             summary_interval=0.05,
             out=out,
+            config=config_from_dict({"server": hub.url, "proxy": "none"}),
         )
     )
     inventories: dict[int, Any] = {}
@@ -95,7 +97,17 @@ def test_sim_exits_1_when_every_device_is_refused(tmp_path: Path, capsys: pytest
     async def scenario() -> int:
         async with FakeHub(policy=lambda n, hello: protocol.CloseCode.REFUSED) as hub:
             return await asyncio.wait_for(
-                run_sim(hub.url, ["t"], 3, tmp_path, ["rpi4"], 0, start_rate=1000.0, out=io.StringIO()),
+                run_sim(
+                    hub.url,
+                    ["t"],
+                    3,
+                    tmp_path,
+                    ["rpi4"],
+                    0,
+                    start_rate=1000.0,
+                    out=io.StringIO(),
+                    config=config_from_dict({"server": hub.url, "proxy": "none"}),
+                ),
                 GUARD,
             )
 
