@@ -256,6 +256,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
         "sqlite": sqlite3.sqlite_version,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "packages": versions,
     }
 

@@ -10,14 +10,21 @@ What it does, in one run:
    Measured: connect rate, server RSS per connection, a relayed round trip (control socket →
    server → one device socket → echo → server → control, sequential, one sample per device of a
    random sample) and a broadcast (one frame to all N sockets, until every echo is back).
-3. **Corral**: ``corral server`` (a subprocess, SQLite) and K client processes each running
-   ``corral.sim.runner.run_sim`` (N/K real agents on one event loop) with an enrollment token.
+3. **Corral**: ``corral server`` (a subprocess, SQLite) and K client processes each running N/K
+   real agents on one event loop (``corral.agent.connection.Agent`` with the simulator's
+   ``SimPlatform``, as ``corral.sim.runner`` builds them) with an enrollment token.
    Measured: connect rate (enrollment included: the devices are new), server RSS per
    connection, the round trip of ``POST /api/v1/devices/{id}/commands {"name": "ping",
    "wait": 5}`` (REST → hub → device → result → REST) for a random sample of devices one at a
    time, and the fan-out of one ``ping`` to all N devices (``POST`` per device, 64 in flight,
    until every command is ``succeeded``: the last result's ``updated_at`` as the server
    stored it).
+
+Both fleets connect **closed-loop**: a client starts its next device when fewer than
+``--in-flight`` of its started devices are still connecting, so the rate measured is what the
+server can take. (``--open-loop-rate R`` starts the agents with ``run_sim`` as a Poisson process
+at R/s instead; above the server's capacity the backlog outgrows the agents' 10 s handshake
+timeout and the connect storm collapses into retries, which is worth knowing but not a rate.)
 
 RSS per connection = (server RSS with N connected, after the server went idle − RSS before the
 first client) / N, the same way for both servers.

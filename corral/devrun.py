@@ -62,7 +62,12 @@ def _demo_setup(url: str, token: str) -> list[str]:
     return tokens
 
 
+def _interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the children on `kill` too, not only Ctrl-C
     host, _, port = BIND.rpartition(":")
     cfg = ServerConfig(data_dir=DATA, host=host, port=int(port))
     creds_path = DATA / "demo-credentials.json"

@@ -21,6 +21,7 @@ problem (missing file, TOML syntax, unknown key, wrong type, out-of-range value)
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -141,11 +142,18 @@ def _validate(cfg: AgentConfig) -> None:
             "give enroll_token or enroll_token_file, not both",
         ),
     ]
+    numbers = {
+        "connect_timeout": cfg.connect_timeout,
+        "close_timeout": cfg.close_timeout,
+        "heartbeat_timeout_factor": cfg.heartbeat_timeout_factor,
+        "backoff.base": b.base,
+        "backoff.cap": b.cap,
+        "backoff.reset_after": b.reset_after,
+    }
+    checks += [(math.isfinite(v), f"{k} must be a finite number, got {v}") for k, v in numbers.items()]
     for ok, message in checks:
         if not ok:
             raise InvalidInput(f"invalid agent config: {message}")
-    if str(cfg.state_dir) == "":
-        raise InvalidInput("invalid agent config: state_dir must not be empty")
 
 
 def config_from_dict(data: dict[str, Any]) -> AgentConfig:

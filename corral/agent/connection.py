@@ -89,6 +89,18 @@ _CLOSE_MESSAGES: dict[int, str] = {
 }
 
 
+#: server close codes worth a warning (someone should look) rather than an info line
+_NOTEWORTHY_CLOSES = frozenset(
+    {CloseCode.TOO_BIG, CloseCode.MALFORMED, CloseCode.AUTH_FAILED, CloseCode.REPLACED, CloseCode.RATE_LIMITED}
+)
+
+
+def _close_reason(text: str) -> str:
+    """A close frame's reason is limited to 123 bytes of UTF-8."""
+    data = text.encode()
+    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
+
+
 def close_action(code: int | None) -> tuple[CloseAction, str]:
     """What the agent does after the server closed with ``code`` (``None``: no close frame)."""
     if code is not None and code in protocol.PERMANENT_CLOSE_CODES:
@@ -144,7 +156,7 @@ class Agent:
     """One device's connection to the server. :meth:`run` until it returns or is cancelled.
 
     Observable state (read by the simulator's summary): :attr:`connected`, :attr:`status`,
-    :attr:`last_close_code`.
+    :attr:`last_close_code`, :attr:`sessions`.
     """
 
     __slots__ = (
@@ -160,6 +172,7 @@ class Agent:
         "identity",
         "last_close_code",
         "platform",
+        "sessions",
         "status",
         "store",
     )
@@ -190,6 +203,8 @@ class Agent:
         self.connected = False
         self.status: str | None = store.state.status if store is not None else None
         self.last_close_code: int | None = None
+        #: sessions established (welcomes received) since start
+        self.sessions = 0
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -208,7 +223,9 @@ class Agent:
                 self.backoff.reset()
                 continue  # a freshly booted device connects at once
             delay = self.backoff.next_delay()
-            log.info("device %s: %s; reconnecting in %.1f s", self._tag, why, delay)
+            # 4409 repeating usually means two devices share one key (a cloned disk image)
+            level = logging.WARNING if self.last_close_code in _NOTEWORTHY_CLOSES else logging.INFO
+            log.log(level, "device %s: %s; reconnecting in %.1f s", self._tag, why, delay)
             await asyncio.sleep(delay)
 
     @property
@@ -242,7 +259,8 @@ class Agent:
                 try:
                     await self._session(ws)
                 except _SessionEnd as end:
-                    await ws.close(end.code, end.reason)
+                    self.last_close_code = None
+                    await ws.close(end.code, _close_reason(end.reason))
                     return end.action, end.reason
                 except asyncio.CancelledError:
                     await ws.close(CloseCode.GOING_AWAY, "agent stopping")
@@ -281,6 +299,7 @@ class Agent:
             await self._set_status("pending")
             raise _SessionEnd(CloseCode.NORMAL, "the server no longer knows this device; enrolling again")
         self.connected = True
+        self.sessions += 1
         self.last_close_code = None
         self._auth_failed = False
         self.backoff.connected(loop.time())
@@ -385,7 +404,10 @@ class Agent:
         new: AgentState = msgspec.structs.replace(store.state, **changes)
         if new != store.state:
             store.state = new  # in memory first; the (fsync'd) write happens off the event loop
-            await asyncio.to_thread(store.save, new)
+            try:
+                await asyncio.to_thread(store.save, new)
+            except OSError as exc:  # e.g. a full disk: worth a warning, not a disconnect
+                log.warning("device %s: cannot write %s: %s", self._tag, store.path, exc)
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -403,12 +425,19 @@ class Agent:
         try:
             await ws.send(_CODEC.encode(protocol.CommandAck(), id=envelope_id))
             result = await self.commands.run(self, command)
-            await ws.send(_CODEC.encode(result, id=envelope_id))
+            try:
+                frame = _CODEC.encode(result, id=envelope_id)
+            except (TypeError, msgspec.EncodeError) as exc:  # a handler returned something odd
+                failed = protocol.CommandResult(ok=False, error=f"result cannot be encoded: {exc}")
+                frame = _CODEC.encode(failed, id=envelope_id)
+            await ws.send(frame)
             if self._reboot_requested:
                 log.info("device %s: rebooting on request of the server", self._tag)
                 await ws.close(CloseCode.GOING_AWAY, "rebooting")
         except ConnectionClosed:
             pass  # the receive loop sees the close and handles it
+        except Exception:  # never leave an unretrieved task exception behind
+            log.exception("device %s: command %s failed", self._tag, command.name)
 
     async def _cancel_tasks(self) -> None:
         tasks = self._tasks

@@ -44,9 +44,7 @@ def _load_identity(state_dir: Path) -> tuple[Identity, StateStore]:
     return Identity.load_or_create(state_dir), StateStore(state_dir)
 
 
-async def run_agent(
-    config: AgentConfig, platform: Platform | None = None, stop: asyncio.Event | None = None
-) -> int:
+async def run_agent(config: AgentConfig, platform: Platform | None = None, stop: asyncio.Event | None = None) -> int:
     """Run the agent until ``stop`` is set (→ 0) or the server refuses the device (→ 1)."""
     try:
         identity, store = await asyncio.to_thread(_load_identity, config.state_dir)
@@ -77,10 +75,7 @@ async def run_agent(
             return EXIT_OK
         outcome = task.result()
     if outcome is Outcome.REFUSED:
-        _error(
-            f"device {identity.device_id} was refused by the server (rejected or decommissioned); "
-            "not retrying"
-        )
+        _error(f"device {identity.device_id} was refused by the server (rejected or decommissioned); not retrying")
         return EXIT_ERROR
     return EXIT_OK
 

@@ -8,8 +8,10 @@ handshake, heartbeat, backoff and command code as on hardware — with a
   simulator again brings back the same fleet (same device IDs, already enrolled).
 * **Tokens round-robin**: device *i* presents ``enroll_tokens[i % len(enroll_tokens)]``
   (none: the devices enroll as pending).
-* **Staggered start**: devices start as a Poisson process at ``start_rate`` per second, so
-  10,000 devices do not open 10,000 sockets in the same instant; afterwards, reconnects are
+* **Staggered start**: devices start as a Poisson process at ``start_rate`` per second, and
+  no faster than the server answers (at most ``max_connecting`` started devices still waiting
+  for their first answer), so 10,000 devices neither open 10,000 sockets in the same instant
+  nor queue up past their handshake timeout on a slow server. Afterwards, reconnects are
   spread by the agents' own full-jitter backoff.
 * **Cheap per device**: one event loop, one task per device (plus its socket), no threads per
   device; the codec, command registry, config and random generator are shared. Key files are
@@ -36,10 +38,12 @@ from corral.agent.connection import Agent, Outcome
 from corral.agent.identity import Identity, StateStore, ensure_private_dir
 from corral.agent.platform.sim import DEFAULT_MODELS, SimPlatform, sim_hostname
 from corral.errors import CorralError, InvalidInput
+from corral.protocol import CloseCode
 
 log = logging.getLogger("corral.sim")
 
 DEFAULT_START_RATE = 500.0  # devices started per second
+DEFAULT_MAX_CONNECTING = 200  # started devices still waiting for the server's first answer
 DEFAULT_SUMMARY_INTERVAL = 10.0
 DEFAULT_BOOT_DELAY = (2.0, 5.0)  # a simulated reboot takes this long (uniform), seconds
 
@@ -77,6 +81,7 @@ class SimFleet:
         # single-threaded, and a Random per device would cost ~2.5 KiB each
         self.rng = random.Random(seed)
         self.agents: list[Agent | None] = [None] * devices
+        self.device_tasks: list[asyncio.Task[Outcome] | None] = [None] * devices
         self.tasks: set[asyncio.Task[Outcome]] = set()
         self.started = 0
         self.refused = 0
@@ -84,19 +89,42 @@ class SimFleet:
         self.first_error: str | None = None
         self.all_ended = asyncio.Event()
 
-    async def start(self, rate: float) -> None:
-        """Start the devices one by one with exponentially distributed gaps (mean 1/rate)."""
+    async def start(self, rate: float, max_connecting: int = 0) -> None:
+        """Start the devices one by one with exponentially distributed gaps (mean 1/rate).
+
+        With ``max_connecting`` > 0 the start is also closed-loop: a device starts only while
+        fewer than that many started devices are still on their way to their first session, so
+        a slow server sees connections as fast as it takes them, not a queue that outlives the
+        agents' handshake timeout.
+        """
         loop = asyncio.get_running_loop()
         at = loop.time()
+        connecting: list[int] = []
         for i in range(self.devices):
+            while 0 < max_connecting <= len(connecting):
+                connecting = [j for j in connecting if self._still_connecting(j)]
+                if len(connecting) < max_connecting:
+                    break
+                await asyncio.sleep(0.01)
+                at = max(at, loop.time())  # the Poisson clock does not bank the waiting time
             delay = at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             task = loop.create_task(self._run_device(i), name=sim_hostname(i))
+            self.device_tasks[i] = task
             self.tasks.add(task)
             task.add_done_callback(self._ended)
             self.started += 1
+            connecting.append(i)
             at += self.rng.expovariate(rate)
+
+    def _still_connecting(self, i: int) -> bool:
+        """Started, not ended, and no answer from the server yet (neither welcome nor close)."""
+        task = self.device_tasks[i]
+        if task is None or task.done():
+            return False
+        agent = self.agents[i]
+        return agent is None or (agent.sessions == 0 and agent.last_close_code is None)
 
     async def _run_device(self, i: int) -> Outcome:
         identity, store = await asyncio.to_thread(_load_identity, self.state_dir / sim_hostname(i))
@@ -138,7 +166,7 @@ class SimFleet:
                     accepted += 1
                 elif a.status == "pending":
                     pending += 1
-            elif a.last_close_code == 4401:
+            elif a.last_close_code == CloseCode.AUTH_FAILED:
                 auth_failed += 1
         line = f"sim: {connected}/{self.devices} connected ({accepted} accepted, {pending} pending)"
         extras = [
@@ -161,6 +189,7 @@ async def run_sim(
     stop: asyncio.Event | None = None,
     *,
     start_rate: float = DEFAULT_START_RATE,
+    max_connecting: int = DEFAULT_MAX_CONNECTING,
     summary_interval: float = DEFAULT_SUMMARY_INTERVAL,
     boot_delay: tuple[float, float] = DEFAULT_BOOT_DELAY,
     config: AgentConfig | None = None,
@@ -177,6 +206,10 @@ async def run_sim(
         raise InvalidInput(f"--devices must be at least 1, got {devices}")
     if not start_rate > 0:
         raise InvalidInput(f"start rate must be > 0, got {start_rate}")
+    if not summary_interval > 0:
+        raise InvalidInput(f"summary interval must be > 0, got {summary_interval}")
+    if max_connecting < 0:
+        raise InvalidInput(f"max connecting must be >= 0 (0: no limit), got {max_connecting}")
     models = [m.strip() for m in models if m.strip()] or list(DEFAULT_MODELS)
     tokens = [t for t in enroll_tokens if t]
     cfg = config_from_dict({"server": server, "state_dir": str(state_dir)})  # validates the URL
@@ -198,7 +231,7 @@ async def run_sim(
             print(fleet.summary(), file=stream, flush=True)
 
     stop = stop if stop is not None else asyncio.Event()
-    starter = asyncio.create_task(fleet.start(start_rate))
+    starter = asyncio.create_task(fleet.start(start_rate, max_connecting))
     reporter = asyncio.create_task(report())
     waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(fleet.all_ended.wait())]
     try:
@@ -246,6 +279,7 @@ def main_sim(
     seed: int = 0,
     *,
     start_rate: float = DEFAULT_START_RATE,
+    max_connecting: int = DEFAULT_MAX_CONNECTING,
     summary_interval: float = DEFAULT_SUMMARY_INTERVAL,
     verbose: bool = False,
 ) -> int:
@@ -253,6 +287,9 @@ def main_sim(
     from corral.agent.main import run_until_signalled, setup_logging
 
     setup_logging("info" if verbose else "warning")
+    if not verbose:
+        # thousands of devices repeating the same warning help nobody: the summary counts them
+        logging.getLogger("corral.agent").setLevel(logging.ERROR)
     _raise_open_file_limit(devices + 256)
     path = Path(state_dir) if state_dir is not None else default_sim_state_dir()
     try:
@@ -266,6 +303,7 @@ def main_sim(
                 seed,
                 stop,
                 start_rate=start_rate,
+                max_connecting=max_connecting,
                 summary_interval=summary_interval,
             )
         )

@@ -58,19 +58,27 @@ POSTGRES_URL = os.environ.get("CORRAL_TEST_POSTGRES_URL", "postgresql://postgres
 # while across examples every value gets its turn.
 # --------------------------------------------------------------------------------------------
 
-STRINGS = [
-    "berlin", "Berlin", "b", "B", "", "é", "z", "Ärger", "a%b", "a_b", "axb", "a*b", "a?b",
-    "[x]", "x", "back\\slash", "2.0", "10", "9", "1.9.2", "true", "quote'\"", "line\nbreak", "😀",
-]  # fmt: skip
-# Exact in binary and short in decimal, int64 edges, and 2**53 + 1, which only equals 2**53
-# when both sides are compared as doubles (the documented semantics).
-NUMBERS: list[int | float] = [0, 1, -1, 3, 10, 2.5, 0.125, -3.75, 0.1, 1e-07, 1e10]
-NUMBERS += [2**53, 2**53 + 1, 2**63 - 1, -(2**63)]
+# Clusters of values that are easy to confuse; an example uses one or two clusters.
+STRING_CLUSTERS = [
+    ["berlin", "Berlin", "b", "B", "Ärger"],  # case, and an order that collations disagree on
+    ["a%b", "a_b", "axb", "a*b", "a?b"],  # LIKE and glob metacharacters as plain characters
+    ["[x]", "x", "[", "back\\slash", "\\"],  # GLOB character classes, the LIKE escape character
+    ["2.0", "10", "9", "1.9.2", "true", "false"],  # strings that look like numbers or bools
+    ["", "é", "z", "😀", "quote'\"", "line\nbreak"],  # empty, non-ASCII, quotes, newline
+]
+NUMBER_CLUSTERS: list[list[int | float]] = [
+    [0, 1, -1, 3, 10],
+    [2.5, 0.125, -3.75, 0.1],  # exact in binary, or short in decimal
+    [1e-07, 1e10, -1e10],
+    [2**53 - 1, 2**53, 2**53 + 1],  # 2**53 + 1 equals 2**53 as doubles (the documented semantics)
+    [2**62, 2**63 - 1, -(2**63)],  # int64 edges
+]
+STRINGS = [v for cluster in STRING_CLUSTERS for v in cluster]
 TAG_KEYS = ["site", "env", "a-b", "0"]
 ATTR_KEYS = ["os_version", "software", "demo", "n", "x-y", "0"]
 GROUPS = ["canary", "berlin-east", "b_x", "B%"]
 STATUSES = ["pending", "accepted", "rejected", "decommissioned"]
-GLOB_PIECES = ["*", "?", "b", "B", "e", "a", "%", "_", "[", "x", "\\", "é", "1", "."]
+GLOB_PIECES = ["*", "?", "b", "B", "e", "a", "%", "_", "[", "]", "x", "\\", "é", "1", "."]
 ID_ALPHABET = "abAB09-_é"
 
 
@@ -82,11 +90,18 @@ class Pools:
     attr_keys: list[str]
 
 
+def _clusters(clusters: list[list[Any]]) -> st.SearchStrategy[list[Any]]:
+    picked = st.lists(st.sampled_from(clusters), min_size=1, max_size=2, unique_by=id)
+    return picked.map(lambda chosen: [v for cluster in chosen for v in cluster])
+
+
 def _subset(values: list[Any], most: int) -> st.SearchStrategy[list[Any]]:
     return st.lists(st.sampled_from(values), min_size=1, max_size=most, unique=True)
 
 
-pools = st.builds(Pools, _subset(STRINGS, 4), _subset(NUMBERS, 3), _subset(TAG_KEYS, 2), _subset(ATTR_KEYS, 3))
+pools = st.builds(
+    Pools, _clusters(STRING_CLUSTERS), _clusters(NUMBER_CLUSTERS), _subset(TAG_KEYS, 2), _subset(ATTR_KEYS, 2)
+)
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ def test_device_url(server: str, url: str) -> None:
         ('server = "https://x"\nlog_level = "loud"', "log_level must be one of"),
         ('server = "https://x"\nstate_dir = 5', "Expected a path string"),
         ('server = "https://x"\nenroll_token = "a"\nenroll_token_file = "/t"', "not both"),
+        ('server = "https://x"\n[backoff]\ncap = inf', "backoff.cap must be a finite number"),
         ('server = "https://x"\nproxy = "yes"', 'proxy must be "auto", "none" or a proxy URL'),
         ("server = ", "config file"),
     ],

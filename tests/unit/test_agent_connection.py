@@ -27,8 +27,9 @@ from websockets.exceptions import ConnectionClosed
 
 import corral
 from corral import protocol
+from corral.agent.commands import CommandHost, builtin_commands
 from corral.agent.config import AgentConfig, config_from_dict
-from corral.agent.connection import CloseAction, build_hello, close_action, connect_target
+from corral.agent.connection import Agent, CloseAction, build_hello, close_action, connect_target
 from corral.agent.identity import Identity
 from corral.agent.main import run_agent
 from corral.agent.platform.sim import SimPlatform
@@ -450,3 +451,41 @@ def test_unusable_state_dir_is_a_one_line_error(tmp_path: Path, capsys: pytest.C
     assert asyncio.run(run_agent(cfg, SimPlatform(0))) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: state dir ") and err.count("\n") == 1
+
+
+def test_an_agent_with_its_own_commands_and_no_state_store(tmp_path: Path) -> None:
+    """Agent can be embedded: extra commands, an in-memory identity, no state on disk."""
+    registry = builtin_commands()
+
+    @registry.command("odd")
+    async def odd(host: CommandHost, args: dict[str, Any]) -> object:
+        return object()  # not something msgpack can carry
+
+    async def scenario() -> None:
+        async with FakeHub() as hub:
+            agent = Agent(
+                agent_config(hub, tmp_path / "unused"),
+                Identity.generate(),
+                SimPlatform(5),
+                commands=registry,
+                enroll_token="good-token",
+            )
+            task = asyncio.create_task(agent.run())
+            try:
+                _, conn, _, hello = await hub.next("hello")
+                assert hello.enroll_token == "good-token"
+                await hub.next("inventory")
+                assert agent.connected and agent.status == "accepted"
+                await hub.send(conn, protocol.Command(name="odd"), id="o1")
+                _, _, env, res = await hub.next("command_result")
+                assert env is not None and env.id == "o1"
+                assert res.ok is False and res.error.startswith("result cannot be encoded")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            assert not agent.connected
+            _, _, _, code = await hub.next("closed")
+            assert code == protocol.CloseCode.GOING_AWAY
+
+    asyncio.run(scenario())
+    assert not (tmp_path / "unused").exists()

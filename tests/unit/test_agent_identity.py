@@ -83,9 +83,7 @@ def test_a_non_ed25519_key_is_refused(tmp_path: Path) -> None:
         Identity.load_or_create(state)
 
 
-def test_creating_loses_to_a_key_created_concurrently(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_creating_loses_to_a_key_created_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two agents starting at once on one state dir must end up with one identity."""
     state = tmp_path / "s"
     winner = Identity.load_or_create(tmp_path / "w")
@@ -103,9 +101,7 @@ def test_creating_loses_to_a_key_created_concurrently(
     assert sorted(p.name for p in state.iterdir()) == ["device.key"]
 
 
-def test_atomic_write_keeps_the_old_content_when_writing_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_atomic_write_keeps_the_old_content_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "state.json"
     atomic_write(target, b"old")
     assert mode(target) == 0o600
@@ -120,9 +116,7 @@ def test_atomic_write_keeps_the_old_content_when_writing_fails(
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
-def test_state_store_round_trip_and_writes_only_on_change(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_state_store_round_trip_and_writes_only_on_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Identity.load_or_create(tmp_path)
     store = StateStore(tmp_path)
     assert store.state == AgentState()

@@ -29,7 +29,7 @@ def test_invalid_config_is_exit_1_with_one_line(tmp_path: Path, capsys: pytest.C
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_real_agent_process_stops_cleanly_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
     config = tmp_path / "agent.toml"
-    config.write_text('enroll_token = "good-token"\n[attributes]\nsite = "lab"\n')
+    config.write_text('enroll_token = "good-token"\nproxy = "none"\n[attributes]\nsite = "lab"\n')
 
     async def scenario() -> tuple[int, str]:
         async with FakeHub() as hub:

@@ -57,9 +57,7 @@ def test_linux_inventory_of_this_machine(tmp_path: Path) -> None:
 
 def test_linux_reboot_runs_the_configured_command(tmp_path: Path) -> None:
     marker = tmp_path / "rebooted"
-    platform = LinuxPlatform(
-        tmp_path, [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"], reboot_grace=0.0
-    )
+    platform = LinuxPlatform(tmp_path, [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"], reboot_grace=0.0)
     asyncio.run(platform.reboot())
     assert marker.exists()
 

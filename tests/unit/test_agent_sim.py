@@ -18,7 +18,7 @@ from tests.unit.test_agent_connection import GUARD, FakeHub
 
 
 async def run_until_connected(
-    hub: FakeHub, state_dir: Path, tokens: list[str], devices: int, out: io.StringIO
+    hub: FakeHub, state_dir: Path, tokens: list[str], devices: int, out: io.StringIO, max_connecting: int = 200
 ) -> tuple[int, dict[int, Any], dict[int, Any]]:
     """Run the simulator until every device has reported its inventory, then stop it."""
     stop = asyncio.Event()
@@ -32,6 +32,7 @@ async def run_until_connected(
             3,
             stop,
             start_rate=1000.0,
+            max_connecting=max_connecting,
             summary_interval=0.05,
             out=out,
             config=config_from_dict({"server": hub.url, "proxy": "none"}),
@@ -85,7 +86,8 @@ def test_sim_without_token_enrolls_pending(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with FakeHub() as hub:
             out = io.StringIO()
-            rc, hellos, _ = await run_until_connected(hub, tmp_path, [], 3, out)
+            # one device at a time: each starts once the previous one got its answer
+            rc, hellos, _ = await run_until_connected(hub, tmp_path, [], 3, out, max_connecting=1)
             assert rc == 0
             assert len(hellos) == 3 and all(h.enroll_token is None for h in hellos.values())
             assert out.getvalue().splitlines()[-1] == "sim: 3/3 connected (0 accepted, 3 pending)"

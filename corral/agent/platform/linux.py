@@ -143,9 +143,7 @@ class LinuxPlatform:
         _, err = await proc.communicate()
         if proc.returncode != 0:
             detail = err.decode("utf-8", "replace").strip().splitlines()
-            raise RuntimeError(
-                f"reboot command exited with {proc.returncode}" + (f": {detail[-1]}" if detail else "")
-            )
+            raise RuntimeError(f"reboot command exited with {proc.returncode}" + (f": {detail[-1]}" if detail else ""))
         # The system is going down and will stop us; if it has not after the grace period,
         # return so that the agent reconnects rather than staying silent forever.
         await asyncio.sleep(self.reboot_grace)

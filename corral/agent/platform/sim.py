@@ -34,13 +34,9 @@ class ModelProfile:
 MODEL_PROFILES: dict[str, ModelProfile] = {
     "rpi4": ModelProfile("Raspberry Pi OS", ("11", "12"), "6.6.31-v8+", "aarch64", (2, 4, 8), (16, 32, 64)),
     "rpi3": ModelProfile("Raspberry Pi OS", ("11",), "6.1.21-v7+", "armv7l", (1,), (8, 16)),
-    "imx8mm": ModelProfile(
-        "Poky (Yocto Project)", ("4.0.12", "4.0.15"), "5.15.71-imx", "aarch64", (2, 4), (8, 16)
-    ),
+    "imx8mm": ModelProfile("Poky (Yocto Project)", ("4.0.12", "4.0.15"), "5.15.71-imx", "aarch64", (2, 4), (8, 16)),
     "jetson-nano": ModelProfile("Ubuntu", ("20.04", "22.04"), "4.9.337-tegra", "aarch64", (4,), (32, 64)),
-    "x86-gateway": ModelProfile(
-        "Debian GNU/Linux", ("11", "12"), "6.1.0-21-amd64", "x86_64", (8, 16), (128, 256)
-    ),
+    "x86-gateway": ModelProfile("Debian GNU/Linux", ("11", "12"), "6.1.0-21-amd64", "x86_64", (8, 16), (128, 256)),
 }
 DEFAULT_MODELS: tuple[str, ...] = ("rpi4", "imx8mm")
 _GENERIC = ModelProfile("Linux", ("1.0",), "6.1.0", "aarch64", (1, 2), (8, 16))
