@@ -623,7 +623,7 @@ def run(n: int, clients: int, in_flight: int, sample_size: int, concurrency: int
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.connections", description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--clients", type=int, default=2, help="client processes (each runs N/clients agents)")
@@ -646,7 +646,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main_result(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run with command-line style arguments; returns the result (not saved)."""
+    a = _parser().parse_args(argv)
+    if a.quick:
+        a.devices, a.clients, a.sample = min(a.devices, 200), 1, min(a.sample, 30)
+    return run(a.devices, a.clients, a.in_flight, a.sample, a.concurrency, a.quick, a.skip_reference,
+               a.open_loop_rate)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = _parser().parse_args(argv)
     if a.role == "sim-client":
         sys.exit(_sim_client(a))
     if a.role in ("ref-server", "ref-client"):
@@ -657,11 +670,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 runner.run(_ref_client(a.url, a.devices, a.offset, a.in_flight))
         return
-    if a.quick:
-        a.devices, a.clients, a.sample = min(a.devices, 200), 1, min(a.sample, 30)
-    result = run(a.devices, a.clients, a.in_flight, a.sample, a.concurrency, a.quick, a.skip_reference,
-                 a.open_loop_rate)
-    finish(result, docs=not a.no_docs)
+    finish(main_result(argv), docs=not a.no_docs)
 
 
 if __name__ == "__main__":

@@ -389,7 +389,7 @@ def run(devices: int, samples: int, group_samples: int, listing_runs: int, quick
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.registry", description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=100_000)
     ap.add_argument("--samples", type=int, default=100, help="timed pages per selector")
@@ -398,11 +398,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 3,000 devices, few samples")
     ap.add_argument("--workdir", type=Path, help="keep the server's data here (default: a temp dir)")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main_result(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run with command-line style arguments; returns the result (not saved)."""
+    a = _parser().parse_args(argv)
     if a.quick:
         a.devices, a.samples, a.group_samples, a.listing_runs = min(a.devices, 3000), 10, 5, 1
-    result = run(a.devices, a.samples, a.group_samples, a.listing_runs, a.quick, a.workdir)
-    finish(result, docs=not a.no_docs)
+    return run(a.devices, a.samples, a.group_samples, a.listing_runs, a.quick, a.workdir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = _parser().parse_args(argv)
+    finish(main_result(argv), docs=not a.no_docs)
 
 
 if __name__ == "__main__":

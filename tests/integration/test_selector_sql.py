@@ -135,7 +135,7 @@ def fleets(pool: Pools) -> st.SearchStrategy[list[FakeDevice]]:
         inventory=st.dictionaries(attr_keys, json_values, max_size=3),
         groups=st.frozensets(st.sampled_from(GROUPS), max_size=2),
     )
-    return st.lists(device, max_size=7, unique_by=lambda d: d.id)
+    return st.lists(device, min_size=1, max_size=8, unique_by=lambda d: d.id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,12 +163,22 @@ def _globs(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
     return "".join(chars)
 
 
+def _json_paths(value: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key path inside a JSON object (lists have no keys, so paths stop there)."""
+    if not isinstance(value, dict):
+        return []
+    return [path for key, inner in value.items() for path in [(*prefix, key), *_json_paths(inner, (*prefix, key))]]
+
+
 def selectors(pool: Pools, fleet: list[FakeDevice]) -> st.SearchStrategy[Node]:
     strings = st.sampled_from(pool.strings)
     ids = st.one_of(st.sampled_from([d.id for d in fleet] or ["x"]), st.text(ID_ALPHABET, max_size=6))
     tag_fields = st.sampled_from(pool.tag_keys).map(lambda key: Field("tag", (key,)))
-    attr_paths = st.lists(st.sampled_from(pool.attr_keys), min_size=1, max_size=3)
-    attr_fields = attr_paths.map(lambda path: Field("attr", tuple(path)))
+    # Mostly paths the fleet has (to objects too), sometimes ones it lacks or runs through a list.
+    seen_paths = sorted({path for d in fleet for path in _json_paths(d.inventory)})
+    any_paths = st.lists(st.sampled_from(pool.attr_keys), min_size=1, max_size=3).map(tuple)
+    attr_paths = st.one_of(st.sampled_from(seen_paths), any_paths) if seen_paths else any_paths
+    attr_fields = attr_paths.map(lambda path: Field("attr", path))
     attr_literals = st.one_of(strings.map(Str), st.sampled_from(pool.numbers).map(Num))
     group_field = st.just(Field("group"))
 

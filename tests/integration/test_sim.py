@@ -1,0 +1,58 @@
+"""`corral sim` against a real server: N real agents in one process, each with its own key; after
+a server restart they all come back (with jittered backoff) under the same identities."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.conftest import ServerProc, corral_cmd, wait_until
+
+N = 100
+
+
+def online_ids(server: ServerProc) -> set[str]:
+    ids: set[str] = set()
+    cursor = None
+    while True:
+        params = {"limit": 1000, "selector": "online and exists(attr.model)", **({"cursor": cursor} if cursor else {})}
+        page = server.api("GET", "/devices", params=params).json()
+        ids |= {d["id"] for d in page["items"]}
+        cursor = page["next_cursor"]
+        if not cursor:
+            return ids
+
+
+def all_online(server: ServerProc) -> set[str] | None:
+    ids = online_ids(server)
+    return ids if len(ids) == N else None
+
+
+def test_sim_fleet_survives_a_server_restart(server: ServerProc, tmp_path: Path) -> None:
+    t1 = server.create_enrollment_token(tags={"site": "berlin"})
+    t2 = server.create_enrollment_token(tags={"site": "osaka"})
+    sim = subprocess.Popen(corral_cmd("sim", "--server", server.url, "--devices", str(N), "--enroll-token", t1,
+                                      "--enroll-token", t2, "--state-dir", str(tmp_path / "sim"),
+                                      "--models", "rpi4,imx8mm"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = wait_until(lambda: all_online(server), timeout=120,
+                           what=f"{N} sim devices online")
+        devices = server.api("GET", "/devices", params={"limit": 1000}).json()["items"]
+        assert {d["tags"]["site"] for d in devices} == {"berlin", "osaka"}
+        assert {d["inventory"]["model"] for d in devices} == {"rpi4", "imx8mm"}
+        assert len({d["inventory"]["hostname"] for d in devices}) == N
+        server.restart()
+        back = wait_until(lambda: all_online(server), timeout=120,
+                          what="the whole fleet back after the restart")
+        assert back == first
+        assert server.api("GET", "/devices-count").json()["total"] == N  # nobody enrolled twice
+        # a command reaches a sim device
+        dev = sorted(first)[0]
+        r = server.api("POST", f"/devices/{dev}/commands", json={"name": "ping", "wait": 10}).json()
+        assert r["status"] == "succeeded"
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(timeout=30)
+    assert sim.returncode == 0
