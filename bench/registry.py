@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import random
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -378,6 +379,8 @@ def run(devices: int, samples: int, group_samples: int, listing_runs: int, quick
     finally:
         raw.close()
         server.stop()
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
     result["notes"] = [
         f"The server's SQLite database holds {counts['devices']:,} devices, {counts['tags']:,} tag rows; "
         f"{counts.get('online', 0):,} online.",

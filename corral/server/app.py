@@ -17,6 +17,7 @@ from corral.server.api import errors as api_errors
 from corral.server.bus import make_bus
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
+from corral.server.groupcommit import GroupCommitter
 from corral.server.hub import Hub
 from corral.server.secrets import load_audit_key
 from corral.server.store.db import create_engine, is_sqlite, session_factory
@@ -33,6 +34,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         ctx = ServerContext(config=config, engine=engine, sessions=session_factory(engine),
                             audit_key=load_audit_key(config.data_dir), bus=bus,
                             sqlite=is_sqlite(config.database_url))
+        ctx.commits = GroupCommitter(ctx)
+        ctx.commits.start()
         ctx.hub = Hub(ctx)
         app.state.ctx = ctx
         await ctx.hub.start()
@@ -40,6 +43,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             yield
         finally:
             await ctx.hub.stop()
+            await ctx.commits.stop()
             await bus.close()
             await engine.dispose()
 

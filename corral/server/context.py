@@ -16,6 +16,7 @@ from corral.server.config import ServerConfig
 
 if TYPE_CHECKING:
     from corral.server.bus import Bus
+    from corral.server.groupcommit import GroupCommitter
     from corral.server.hub import Hub
 
 
@@ -27,6 +28,7 @@ class ServerContext:
     audit_key: bytes
     bus: Bus
     hub: Hub | None = None
+    commits: GroupCommitter = None  # type: ignore[assignment]  # set by the app at startup
     sqlite: bool = True
     # SQLite has one writer: serialising our write transactions in-process avoids
     # SQLITE_BUSY_SNAPSHOT on read-then-write and keeps the audit chain linear.

@@ -27,6 +27,7 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from corral import protocol as p
@@ -36,6 +37,14 @@ from corral.server.context import ServerContext
 from corral.server.store.models import Device, DeviceCommand, Group
 
 log = logging.getLogger(__name__)
+
+
+class QueuedCommand(msgspec.Struct):
+    """Payload of ``device.<id>.command`` on the bus."""
+
+    id: str
+    name: str
+    args: dict[str, Any] = {}
 
 
 class _Close(Exception):
@@ -167,48 +176,51 @@ class Hub:
         return session
 
     async def _admit(self, hello: p.Hello) -> str:
-        """Apply the admission decision in one transaction; nothing is written on refusal."""
+        """Apply the admission decision (group-committed with other sessions' writes)."""
+        return await self.ctx.commits.write(lambda db: self._admit_tx(db, hello))
+
+    async def _admit_tx(self, db: AsyncSession, hello: p.Hello) -> str:
+        """The admission decision and its writes; raises before writing anything on refusal."""
         cfg = self.ctx.config
-        async with self.ctx.writer() as db:
-            dev = await db.get(Device, hello.device_id)
-            if dev is not None and dev.public_key != hello.public_key:
-                raise _Close(p.CloseCode.AUTH_FAILED, "device id is registered with another key")
-            verdict, token = await registry.check_enrollment_token(db, hello.enroll_token)
-            decision = decide(dev.status if dev else None, verdict, cfg.allow_pending)
-            if decision.action is Action.REFUSE:
-                raise _Close(p.CloseCode.REFUSED, decision.reason)
-            if decision.action is Action.AUTH_FAILED:
-                raise _Close(p.CloseCode.AUTH_FAILED, decision.reason)
-            if decision.consumes_token:
-                assert token is not None
-                if not await registry.consume_enrollment_token(db, token):
-                    if dev is None:
-                        raise _Close(p.CloseCode.AUTH_FAILED, "enrollment token has no uses left")
-                    decision = decide(dev.status, "used_up", cfg.allow_pending)
-            now = time.time()
-            actor = f"device:{hello.device_id}"
-            if dev is None:
-                dev = Device(id=hello.device_id, public_key=hello.public_key, status="pending",
-                             created_at=now, updated_at=now, inventory={})
-                db.add(dev)
-                await db.flush()
-            if decision.consumes_token and token is not None:
-                dev.status = "accepted"
-                dev.admitted_at = now
-                dev.enrollment_token_id = token.id
-                await registry.set_tags(db, dev.id, dict(token.tags or {}))
-                for g in token.groups or []:
-                    if await db.get(Group, g) is not None:
-                        await registry.add_members(db, g, [dev.id])
-                await self.ctx.audit(db, actor, "device.enroll", dev.id,
-                                     {"token": token.id, "tags": token.tags, "groups": token.groups})
-            elif decision.action is Action.CREATE_PENDING:
-                await self.ctx.audit(db, actor, "device.pending", dev.id, {})
-            dev.online = True
-            dev.replica = cfg.replica_id
-            dev.last_seen = now
-            dev.updated_at = now
-            return dev.status
+        dev = await db.get(Device, hello.device_id)
+        if dev is not None and dev.public_key != hello.public_key:
+            raise _Close(p.CloseCode.AUTH_FAILED, "device id is registered with another key")
+        verdict, token = await registry.check_enrollment_token(db, hello.enroll_token)
+        decision = decide(dev.status if dev else None, verdict, cfg.allow_pending)
+        if decision.action is Action.REFUSE:
+            raise _Close(p.CloseCode.REFUSED, decision.reason)
+        if decision.action is Action.AUTH_FAILED:
+            raise _Close(p.CloseCode.AUTH_FAILED, decision.reason)
+        if decision.consumes_token:
+            assert token is not None
+            if not await registry.consume_enrollment_token(db, token):
+                if dev is None:
+                    raise _Close(p.CloseCode.AUTH_FAILED, "enrollment token has no uses left")
+                decision = decide(dev.status, "used_up", cfg.allow_pending)
+        now = time.time()
+        actor = f"device:{hello.device_id}"
+        if dev is None:
+            dev = Device(id=hello.device_id, public_key=hello.public_key, status="pending",
+                         created_at=now, updated_at=now, inventory={})
+            db.add(dev)
+            await db.flush()
+        if decision.consumes_token and token is not None:
+            dev.status = "accepted"
+            dev.admitted_at = now
+            dev.enrollment_token_id = token.id
+            await registry.set_tags(db, dev.id, dict(token.tags or {}))
+            for g in token.groups or []:
+                if await db.get(Group, g) is not None:
+                    await registry.add_members(db, g, [dev.id])
+            await self.ctx.audit(db, actor, "device.enroll", dev.id,
+                                 {"token": token.id, "tags": token.tags, "groups": token.groups})
+        elif decision.action is Action.CREATE_PENDING:
+            await self.ctx.audit(db, actor, "device.pending", dev.id, {})
+        dev.online = True
+        dev.replica = cfg.replica_id
+        dev.last_seen = now
+        dev.updated_at = now
+        return dev.status
 
     async def _serve(self, s: DeviceSession) -> None:
         while True:
@@ -234,20 +246,16 @@ class Hub:
             if k != "attributes" and v not in ("", None, [], {}):
                 doc[k] = v
         now = time.time()
-        async with self.ctx.writer() as db:
-            await db.execute(update(Device).where(Device.id == s.device_id)
-                             .values(inventory=doc, inventory_at=now, last_seen=now))
+        stmt = update(Device).where(Device.id == s.device_id).values(inventory=doc, inventory_at=now, last_seen=now)
+        await self.ctx.commits.write(lambda db: db.execute(stmt))
 
     async def _end(self, s: DeviceSession) -> None:
         if self.sessions.get(s.device_id) is not s:
             return  # replaced by a newer session, which owns presence now
         del self.sessions[s.device_id]
-        with contextlib.suppress(Exception):
-            async with self.ctx.writer() as db:
-                await db.execute(
-                    update(Device).where(Device.id == s.device_id, Device.replica == self.ctx.config.replica_id)
-                    .values(online=False, replica=None, last_seen=time.time())
-                )
+        stmt = (update(Device).where(Device.id == s.device_id, Device.replica == self.ctx.config.replica_id)
+                .values(online=False, replica=None, last_seen=time.time()))
+        self.ctx.commits.write_later(lambda db: db.execute(stmt), "marking a device offline")
 
     # --- sending and closing ----------------------------------------------------------------
 
@@ -283,13 +291,13 @@ class Hub:
                                             DeviceCommand.expires_at > time.time())
                 .order_by(DeviceCommand.created_at))).all()
         for c in cmds:
-            await self._send_command(s, c)
+            await self._send_command(s, c.id, c.name, c.args or {})
 
-    async def _send_command(self, s: DeviceSession, c: DeviceCommand) -> None:
-        await self._send(s, p.Command(name=c.name, args=c.args or {}), id=c.id)
-        async with self.ctx.writer() as db:
-            await db.execute(update(DeviceCommand).where(DeviceCommand.id == c.id, DeviceCommand.status == "queued")
-                             .values(status="sent", updated_at=time.time()))
+    async def _send_command(self, s: DeviceSession, cmd_id: str, name: str, args: dict[str, Any]) -> None:
+        await self._send(s, p.Command(name=name, args=args), id=cmd_id)
+        stmt = (update(DeviceCommand).where(DeviceCommand.id == cmd_id, DeviceCommand.status == "queued")
+                .values(status="sent", updated_at=time.time()))
+        self.ctx.commits.write_later(lambda db: db.execute(stmt), "marking a command sent")
 
     async def _command_update(self, s: DeviceSession, command_id: str | None, status: str,
                               result: p.CommandResult | None) -> None:
@@ -300,11 +308,14 @@ class Hub:
             values["result"] = result.result if isinstance(result.result, dict) else {"value": result.result}
             values["error"] = (result.error or "")[:2000] or None
         allowed = ["queued", "sent"] if status == "acknowledged" else ["queued", "sent", "acknowledged"]
-        async with self.ctx.writer() as db:
-            res = await db.execute(update(DeviceCommand).where(
-                DeviceCommand.id == command_id, DeviceCommand.device_id == s.device_id,
-                DeviceCommand.status.in_(allowed)).values(**values))
-        if result is not None and res.rowcount:  # type: ignore[attr-defined]
+        stmt = update(DeviceCommand).where(
+            DeviceCommand.id == command_id, DeviceCommand.device_id == s.device_id,
+            DeviceCommand.status.in_(allowed)).values(**values)
+        if result is None:  # an acknowledgement: a progress hint, not worth waiting for
+            self.ctx.commits.write_later(lambda db: db.execute(stmt), "recording a command ack")
+            return
+        res = await self.ctx.commits.write(lambda db: db.execute(stmt))
+        if res.rowcount:  # type: ignore[attr-defined]
             await self.ctx.bus.publish(f"command.{command_id}.done", status.encode())
 
     async def wait_command(self, command_id: str, timeout: float) -> None:
@@ -327,14 +338,13 @@ class Hub:
     # --- bus handlers -------------------------------------------------------------------------
 
     async def _on_command_queued(self, subject: str, data: bytes) -> None:
+        """The bus message carries the command itself, so sending needs no database read."""
         s = self.sessions.get(subject.split(".")[1])
         if s is None or s.status != "accepted":
             return
-        async with self.ctx.reader() as db:
-            c = await db.get(DeviceCommand, data.decode())
-        if c is not None and c.status == "queued":
-            with contextlib.suppress(Exception):
-                await self._send_command(s, c)
+        cmd = msgspec.json.decode(data, type=QueuedCommand)
+        with contextlib.suppress(Exception):
+            await self._send_command(s, cmd.id, cmd.name, cmd.args)
 
     async def _on_close_request(self, subject: str, data: bytes) -> None:
         s = self.sessions.get(subject.split(".")[1])
@@ -382,10 +392,16 @@ class Hub:
             else:
                 live.append(s.device_id)
         now = time.time()
-        async with self.ctx.writer() as db:
-            for i in range(0, len(live), 500):
-                await db.execute(update(Device).where(Device.id.in_(live[i:i + 500])).values(last_seen=now))
-            # devices a vanished replica left "online": stale beyond any flush period
-            stale = now - (t.heartbeat_interval * t.heartbeat_grace_intervals + t.presence_flush * 2)
-            await db.execute(update(Device).where(Device.online.is_(True), Device.last_seen < stale)
-                             .values(online=False, replica=None))
+        replica = self.ctx.config.replica_id
+        await self.ctx.commits.write(lambda db: self._presence_tx(db, live, now, replica))
+
+    async def _presence_tx(self, db: AsyncSession, live: list[str], now: float, replica: str) -> None:
+        t = self.ctx.config.timeouts
+        # Also re-asserts online: a replaced session's late close may have marked it offline.
+        for i in range(0, len(live), 500):
+            await db.execute(update(Device).where(Device.id.in_(live[i:i + 500]))
+                             .values(last_seen=now, online=True, replica=replica))
+        # devices a vanished replica left "online": stale beyond any flush period
+        stale = now - (t.heartbeat_interval * t.heartbeat_grace_intervals + t.presence_flush * 2)
+        await db.execute(update(Device).where(Device.online.is_(True), Device.last_seen < stale)
+                         .values(online=False, replica=None))

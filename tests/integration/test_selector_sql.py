@@ -51,6 +51,8 @@ from corral.server.store.models import Base, Device, DeviceTag, Group, GroupMemb
 from corral.server.store.selector_sql import to_sql
 
 POSTGRES_URL = os.environ.get("CORRAL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+# Examples per engine; raise it for a soak run (the rarer traps need a few thousand to turn up).
+EXAMPLES = int(os.environ.get("CORRAL_SELECTOR_EXAMPLES", "200"))
 
 # --------------------------------------------------------------------------------------------
 # Value pools. Each example draws a small sub-pool and builds both its fleet and its selectors
@@ -121,11 +123,13 @@ def fleets(pool: Pools) -> st.SearchStrategy[list[FakeDevice]]:
     strings = st.sampled_from(pool.strings)
     attr_keys = st.sampled_from(pool.attr_keys)
     scalars = st.one_of(strings, st.sampled_from(pool.numbers), st.booleans(), st.none())
-    json_values = st.recursive(
+    containers = st.recursive(
         scalars,
         lambda inner: st.one_of(st.lists(inner, max_size=2), st.dictionaries(attr_keys, inner, max_size=3)),
-        max_leaves=6,
+        max_leaves=4,
     )
+    # st.recursive alone mostly yields containers; selectors mostly compare scalars.
+    json_values = st.one_of(scalars, containers)
     device = st.builds(
         FakeDevice,
         id=st.text(ID_ALPHABET, min_size=1, max_size=6),
@@ -163,22 +167,49 @@ def _globs(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
     return "".join(chars)
 
 
-def _json_paths(value: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Every key path inside a JSON object (lists have no keys, so paths stop there)."""
+def _json_items(value: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """Every (key path, value) inside a JSON object; lists have no keys, so paths stop there."""
     if not isinstance(value, dict):
         return []
-    return [path for key, inner in value.items() for path in [(*prefix, key), *_json_paths(inner, (*prefix, key))]]
+    found = []
+    for key, inner in value.items():
+        found += [((*prefix, key), inner), *_json_items(inner, (*prefix, key))]
+    return found
+
+
+@st.composite
+def _anchored_leaves(draw: st.DrawFn, pool: Pools, anchors: list[tuple[Field, Any]]) -> Node:
+    """A test on a field a device really has, against its value or a confusable neighbour."""
+    fld, value = draw(st.sampled_from(anchors))
+    literals: list[st.SearchStrategy[Any]] = [st.sampled_from(pool.strings).map(Str)]
+    if isinstance(value, str):
+        literals.append(st.just(Str(value)))
+    if fld.kind == "attr":  # tags hold strings only; attrs take any literal type
+        literals.append(st.sampled_from(pool.numbers).map(Num))
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            literals.append(st.just(Num(value)))
+    list_items = st.one_of(literals)
+    if fld.kind == "attr":
+        literals.append(st.booleans().map(Bool))
+    literal = draw(st.one_of(literals))
+    if isinstance(literal, Bool):
+        return Compare(fld, draw(eq_ops), literal)
+    shape = draw(st.sampled_from(["compare", "in", "match"] if isinstance(literal, Str) else ["compare", "in"]))
+    if shape == "compare":
+        return Compare(fld, draw(ops), literal)
+    if shape == "match":
+        return Match(fld, draw(_globs(st.just(literal.value))))
+    return In(fld, (literal, *draw(_tuples(list_items))), draw(st.booleans()))
 
 
 def selectors(pool: Pools, fleet: list[FakeDevice]) -> st.SearchStrategy[Node]:
     strings = st.sampled_from(pool.strings)
     ids = st.one_of(st.sampled_from([d.id for d in fleet] or ["x"]), st.text(ID_ALPHABET, max_size=6))
     tag_fields = st.sampled_from(pool.tag_keys).map(lambda key: Field("tag", (key,)))
-    # Mostly paths the fleet has (to objects too), sometimes ones it lacks or runs through a list.
-    seen_paths = sorted({path for d in fleet for path in _json_paths(d.inventory)})
-    any_paths = st.lists(st.sampled_from(pool.attr_keys), min_size=1, max_size=3).map(tuple)
-    attr_paths = st.one_of(st.sampled_from(seen_paths), any_paths) if seen_paths else any_paths
-    attr_fields = attr_paths.map(lambda path: Field("attr", path))
+    attr_paths = st.lists(st.sampled_from(pool.attr_keys), min_size=1, max_size=3)
+    attr_fields = attr_paths.map(lambda path: Field("attr", tuple(path)))
+    anchors = [(Field("tag", (k,)), v) for d in fleet for k, v in d.tags.items()]
+    anchors += [(Field("attr", path), v) for d in fleet for path, v in _json_items(d.inventory)]
     attr_literals = st.one_of(strings.map(Str), st.sampled_from(pool.numbers).map(Num))
     group_field = st.just(Field("group"))
 
@@ -204,6 +235,8 @@ def selectors(pool: Pools, fleet: list[FakeDevice]) -> st.SearchStrategy[Node]:
         st.builds(In, attr_fields, _tuples(attr_literals), st.booleans()),
         st.builds(Exists, st.one_of(tag_fields, attr_fields)),
     )
+    if anchors:
+        leaves = st.one_of(leaves, _anchored_leaves(pool, anchors))
     return st.recursive(
         leaves,
         lambda children: st.one_of(
@@ -273,7 +306,7 @@ async def _check(engine: AsyncEngine, fleet: list[FakeDevice], nodes: list[Node]
 
 def _run_property(runner: asyncio.Runner, engine: AsyncEngine) -> None:
     @settings(
-        max_examples=200,
+        max_examples=EXAMPLES,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
@@ -298,8 +331,11 @@ FIXED_FLEET = [
         "os_version": "2.0", "n": "3", "x-y": 9, "software": None, "demo": False,
     }, frozenset({"b_x"})),
     FakeDevice("dev-c", "rejected", True, {"site": "z", "0": "[x]"}, {
-        "os_version": 2, "n": 2.5, "0": {"0": "back\\slash"},
+        "os_version": 2, "n": 2.5, "0": {"0": "back\\slash"}, "big": 2**53,
     }, frozenset()),
+    FakeDevice("dev-d", "decommissioned", False, {"0": "x"}, {
+        "demo": "true", "big": 2**53 + 1,
+    }, frozenset({"B%"})),
 ]  # fmt: skip
 FIXED_SELECTORS = [
     'tag.site == "berlin" and attr.os_version < "2.0" and online',
@@ -311,7 +347,7 @@ FIXED_SELECTORS = [
     'tag.env ~ "a%b"',  # % is literal, not LIKE's wildcard
     'tag.env ~ "a_b"',  # _ is literal too
     'tag.env ~ "a?b"',
-    'tag.0 ~ "[x]"',  # [ is literal, not SQLite's character class
+    'tag.0 ~ "[x]"',  # [ is literal, not SQLite's character class (which would match "x")
     'attr.0.0 ~ "back\\\\*"',
     "attr.n > 2",  # "3" (a string) is not a number
     'attr.n == "3"',
@@ -324,9 +360,12 @@ FIXED_SELECTORS = [
     "exists(attr.0)",
     "exists(attr.software)",  # JSON null counts as missing
     "not exists(attr.software.demo)",
-    "attr.demo == true",
+    "attr.demo == true",  # the string "true" is not true
     "attr.demo != true",
     "attr.demo == false",
+    "attr.big == 9007199254740992",  # 2**53 + 1 and 2**53 are the same double
+    "attr.big > 9007199254740992",
+    'group ~ "B%"',
     'group == "canary" or group ~ "b_*"',
     'group != "canary"',
     'group not in ["canary", "b_x"]',

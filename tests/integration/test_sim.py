@@ -52,6 +52,20 @@ def test_sim_fleet_survives_a_server_restart(server: ServerProc, tmp_path: Path)
         dev = sorted(first)[0]
         r = server.api("POST", f"/devices/{dev}/commands", json={"name": "ping", "wait": 10}).json()
         assert r["status"] == "succeeded"
+        # one request fans a command out to a selection; every device answers
+        bulk = server.api("POST", "/commands", json={"name": "ping", "selector": 'tag.site == "osaka"'})
+        assert bulk.status_code == 201, bulk.text
+        cmds = bulk.json()["commands"]
+        osaka = {d["id"] for d in devices if d["tags"]["site"] == "osaka"}
+        assert set(cmds) == osaka and bulk.json()["count"] == len(osaka)
+        wait_until(lambda: all(server.api("GET", f"/commands/{c}").json()["status"] == "succeeded"
+                               for c in cmds.values()), timeout=60, what="every bulk command answered")
+        # bad bulk requests change nothing
+        assert server.api("POST", "/commands", json={"name": "ping"}).status_code == 400
+        assert server.api("POST", "/commands", json={"name": "ping", "selector": "online",
+                                                     "device_ids": [dev]}).status_code == 400
+        assert server.api("POST", "/commands", json={"name": "ping", "device_ids": [dev, "nope"]}).status_code == 404
+        assert server.api("POST", "/commands", json={"name": "ping", "selector": "online =="}).status_code == 400
     finally:
         sim.send_signal(signal.SIGTERM)
         sim.wait(timeout=30)

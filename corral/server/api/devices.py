@@ -9,9 +9,10 @@ import secrets
 import time
 from typing import Annotated, Any
 
+import msgspec
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import Select, and_, func, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import protocol
@@ -27,6 +28,7 @@ from corral.server.api.views import (
     command_view,
     device_views,
 )
+from corral.server.hub import QueuedCommand
 from corral.server.store.models import Device, DeviceCommand
 from corral.server.store.selector_sql import to_sql
 
@@ -241,16 +243,26 @@ class CommandIn(BaseModel):
     wait: float = Field(default=0, ge=0, description="seconds to wait for the result before answering")
 
 
+async def publish_command(ctx: Any, device_id: str, cmd_id: str, name: str, args: dict[str, Any]) -> None:
+    payload = msgspec.json.encode(QueuedCommand(id=cmd_id, name=name, args=args))
+    await ctx.bus.publish(f"device.{device_id}.command", payload)
+
+
+def check_command(ctx: Any, name: str, args: dict[str, Any], wait: float) -> None:
+    t, limits = ctx.config.timeouts, ctx.config.limits
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise InvalidInput("command name must be letters, digits and -_.")
+    if len(json.dumps(args)) > limits.max_command_args_bytes:
+        raise InvalidInput(f"command args are larger than {limits.max_command_args_bytes} bytes")
+    if wait > t.command_wait_max:
+        raise InvalidInput(f"wait must be at most {t.command_wait_max:g} seconds")
+
+
 @router.post("/devices/{device_id}/commands", response_model=CommandOut, status_code=201,
              summary="Send a command to a device (queued while it is offline)")
 async def send_command(device_id: str, body: CommandIn, ctx: Ctx, who: Operator, request: Request) -> CommandOut:
-    t, limits = ctx.config.timeouts, ctx.config.limits
-    if not all(c.isalnum() or c in "-_." for c in body.name):
-        raise InvalidInput("command name must be letters, digits and -_.")
-    if len(json.dumps(body.args)) > limits.max_command_args_bytes:
-        raise InvalidInput(f"command args are larger than {limits.max_command_args_bytes} bytes")
-    if body.wait > t.command_wait_max:
-        raise InvalidInput(f"wait must be at most {t.command_wait_max:g} seconds")
+    t = ctx.config.timeouts
+    check_command(ctx, body.name, body.args, body.wait)
     now = time.time()
     cmd_id = secrets.token_hex(8)
     async with ctx.writer() as db:
@@ -261,7 +273,7 @@ async def send_command(device_id: str, body: CommandIn, ctx: Ctx, who: Operator,
                              created_at=now, updated_at=now, expires_at=now + (body.ttl or t.command_default_ttl),
                              created_by=who.name))
         await ctx.audit(db, who, "device.command", dev.id, {"command": cmd_id, "name": body.name}, rid(request))
-    await ctx.bus.publish(f"device.{device_id}.command", cmd_id.encode())
+    await publish_command(ctx, device_id, cmd_id, body.name, body.args)
     if body.wait and ctx.hub is not None:
         await ctx.hub.wait_command(cmd_id, body.wait)
     async with ctx.reader() as db:
@@ -304,3 +316,53 @@ async def show_command(command_id: str, ctx: Ctx, _: Viewer,
             c.status = "expired"
         return command_view(c)
 
+
+
+class BulkCommandIn(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict)
+    selector: str | None = Field(default=None, description="every accepted device it selects")
+    device_ids: list[str] | None = Field(default=None, max_length=100000)
+    ttl: float | None = Field(default=None, gt=0)
+
+
+class BulkCommandOut(BaseModel):
+    count: int
+    commands: dict[str, str] = Field(description="device id -> command id")
+
+
+@router.post("/commands", response_model=BulkCommandOut, status_code=201,
+             summary="Send one command to many devices (by selector or ids) in one request")
+async def send_bulk_command(body: BulkCommandIn, ctx: Ctx, who: Operator, request: Request) -> BulkCommandOut:
+    check_command(ctx, body.name, body.args, 0)
+    if (body.selector is None) == (body.device_ids is None):
+        raise InvalidInput("give exactly one of selector or device_ids")
+    stmt = select(Device.id).where(Device.status == "accepted")
+    if body.selector is not None:
+        stmt = stmt.where(selector_clause(body.selector, ctx.config.limits.max_selector_len))
+    now = time.time()
+    expires = now + (body.ttl or ctx.config.timeouts.command_default_ttl)
+    async with ctx.writer() as db:
+        if body.device_ids is not None:
+            wanted = list(dict.fromkeys(body.device_ids))
+            found: set[str] = set()
+            for i in range(0, len(wanted), 500):
+                found |= set((await db.scalars(stmt.where(Device.id.in_(wanted[i:i + 500])))).all())
+            missing = [d for d in wanted if d not in found]
+            if missing:
+                raise NotFound(f"no accepted device {missing[0]!r}"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            ids = wanted
+        else:
+            ids = list((await db.scalars(stmt.order_by(Device.id))).all())
+        commands = {d: secrets.token_hex(8) for d in ids}
+        rows = [{"id": c, "device_id": d, "name": body.name, "args": body.args, "status": "queued",
+                 "created_at": now, "updated_at": now, "expires_at": expires, "created_by": who.name,
+                 "result": None, "error": None} for d, c in commands.items()]
+        if rows:
+            await db.execute(insert(DeviceCommand), rows)
+        await ctx.audit(db, who, "device.command_bulk", body.selector or f"{len(ids)} devices",
+                        {"name": body.name, "count": len(ids)}, rid(request))
+    for d, c in commands.items():
+        await publish_command(ctx, d, c, body.name, body.args)
+    return BulkCommandOut(count=len(commands), commands=commands)
