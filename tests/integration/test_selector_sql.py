@@ -32,6 +32,7 @@ from corral.selectors import (
     And,
     Bool,
     Compare,
+    CompareOp,
     DeviceView,
     Exists,
     Field,
@@ -146,8 +147,8 @@ def fleets(pool: Pools) -> st.SearchStrategy[list[FakeDevice]]:
 # Selectors: well-typed ASTs over the same pools (they also go through unparse + parse).
 # --------------------------------------------------------------------------------------------
 
-ops = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])
-eq_ops = st.sampled_from(["==", "!="])
+ops: st.SearchStrategy[CompareOp] = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])
+eq_ops: st.SearchStrategy[CompareOp] = st.sampled_from(["==", "!="])
 statuses = st.sampled_from(STATUSES).map(Str)
 groups = st.sampled_from(GROUPS)
 
