@@ -322,7 +322,9 @@ def fmt_ratio(f: dict[str, Any]) -> str:
     r = f.get("ratio")
     if r is None:
         return "–"
-    return f"{r:.2f}×" if r < 10 else f"{r:.0f}×"
+    if r >= 10:
+        return f"{r:.0f}×"
+    return f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"
 
 
 def fmt_met(met: bool | None) -> str:
@@ -348,8 +350,10 @@ def print_result(result: dict[str, Any]) -> None:
 def _machine_line(m: dict[str, Any]) -> str:
     pk = m.get("packages", {})
     pkgs = ", ".join(f"{k} {v}" for k, v in pk.items())
+    load = m.get("load_average_at_start")
+    load_s = f"; load average at start {load[0]:.2f} (1 min)" if load else ""
     return (f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
-            f"SQLite {m['sqlite']}; {pkgs}")
+            f"SQLite {m['sqlite']}; {pkgs}{load_s}")
 
 
 def render_markdown(results: dict[str, dict[str, Any]]) -> str:
@@ -369,6 +373,14 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
         out += ["No results yet: run `make bench`.", ""]
         return "\n".join(out)
 
+    out += [
+        "**Caveats.** The reference machine has 2 CPUs: the server, the simulated devices (or the HTTP",
+        "client) and the reference all share them, so absolute rates and latencies are lower bounds for a",
+        "server with a machine of its own; the ratios are the robust part. The machine is not otherwise",
+        "reserved: the load average at the start of each run is recorded below, and a run on a busy machine",
+        "reads slower. Each figure is from one run (percentiles over its samples), not an average of runs.",
+        "",
+    ]
     # goals first: the summary a reader wants
     out += ["## Goals", "", "| Benchmark | Goal | Measured | Met |", "|---|---|---|---|"]
     for name in BENCH_ORDER:

