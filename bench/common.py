@@ -184,7 +184,7 @@ class CorralServer:
 
     def connected(self) -> int:
         """Devices with a live session, as the server counts them (``/healthz``)."""
-        return int(httpx.get(self.url + "/healthz", timeout=10).json().get("devices_connected", 0))
+        return int(httpx.get(self.url + "/healthz", timeout=30).json().get("devices_connected", 0))
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -360,7 +360,8 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
     out: list[str] = [
         "# Benchmarks",
         "",
-        "The latest figures of `make bench` (`.venv/bin/python -m bench`). Every figure is measured",
+        "The latest figures of `make bench` (`.venv/bin/python -m bench`) or of a benchmark run alone",
+        "(each section says when and with which parameters it ran). Every figure is measured",
         "beside a **reference measured in the same run on the same machine**, so the ratio",
         "(Corral ÷ reference) says what Corral's own layers cost, whatever the machine. The goals come",
         "from the foundation issue.",

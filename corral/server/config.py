@@ -31,7 +31,7 @@ class Timeouts:
     heartbeat_interval: float = 15.0  # told to devices in `welcome`
     # a session that sent nothing for this many heartbeat intervals is closed and marked offline
     heartbeat_grace_intervals: float = 2.0
-    presence_flush: float = 5.0  # how often last_seen of live sessions is written in one batch
+    presence_flush: float = 30.0  # how often last_seen of live sessions is written (in small chunks)
     command_default_ttl: float = 3600.0  # a queued command for an offline device expires after this
     command_wait_max: float = 60.0  # the longest a REST caller may wait for a command result
     decommission_close: float = 5.0  # the live session of a decommissioned device closes within this

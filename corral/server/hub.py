@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -38,11 +39,18 @@ from corral.server.store.models import Device, DeviceCommand, Group
 
 log = logging.getLogger(__name__)
 
+#: devices per presence UPDATE: small enough that other writes never wait long behind one
+PRESENCE_CHUNK = 200
+
 
 def _update(model: Any) -> Any:
     """An UPDATE that skips the ORM's in-session synchronisation: the hub never reads the rows it
     updates back from the same session, and the evaluation costs real CPU in a connect storm."""
     return update(model).execution_options(synchronize_session=False)
+
+
+async def _execute(db: AsyncSession, stmt: Any) -> Any:
+    return await db.execute(stmt)
 
 
 class QueuedCommand(msgspec.Struct):
@@ -79,6 +87,7 @@ class Hub:
         self.sessions: dict[str, DeviceSession] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._last_flush = 0.0
         self.connects_total = 0
         self.refused_total = 0
 
@@ -380,7 +389,9 @@ class Hub:
 
     async def _presence_loop(self) -> None:
         t = self.ctx.config.timeouts
-        period = min(t.presence_flush, t.heartbeat_interval / 2)
+        # silent sessions are looked for twice per heartbeat interval; last_seen is written at
+        # most every presence_flush seconds
+        period = t.heartbeat_interval / 2
         while True:
             await asyncio.sleep(period)
             try:
@@ -397,17 +408,22 @@ class Hub:
                 await self._close_ws(s, p.CloseCode.TIMEOUT, "no heartbeat")
             else:
                 live.append(s.device_id)
+        if time.monotonic() - self._last_flush < t.presence_flush:
+            return
+        self._last_flush = time.monotonic()
         now = time.time()
         replica = self.ctx.config.replica_id
-        await self.ctx.commits.write(lambda db: self._presence_tx(db, live, now, replica))
-
-    async def _presence_tx(self, db: AsyncSession, live: list[str], now: float, replica: str) -> None:
-        t = self.ctx.config.timeouts
-        # Also re-asserts online: a replaced session's late close may have marked it offline.
-        for i in range(0, len(live), 500):
-            await db.execute(_update(Device).where(Device.id.in_(live[i:i + 500]))
-                             .values(last_seen=now, online=True, replica=replica))
+        # One small write per chunk, each its own group-commit op: command and enrollment writes
+        # interleave with them instead of waiting behind one long presence transaction.
+        writes = []
+        for i in range(0, len(live), PRESENCE_CHUNK):
+            # also re-asserts online: a replaced session's late close may have marked it offline
+            stmt = (_update(Device).where(Device.id.in_(live[i:i + PRESENCE_CHUNK]))
+                    .values(last_seen=now, online=True, replica=replica))
+            writes.append(self.ctx.commits.write(functools.partial(_execute, stmt=stmt)))
+        await asyncio.gather(*writes)
         # devices a vanished replica left "online": stale beyond any flush period
         stale = now - (t.heartbeat_interval * t.heartbeat_grace_intervals + t.presence_flush * 2)
-        await db.execute(_update(Device).where(Device.online.is_(True), Device.last_seen < stale)
-                         .values(online=False, replica=None))
+        sweep = (_update(Device).where(Device.online.is_(True), Device.last_seen < stale)
+                 .values(online=False, replica=None))
+        await self.ctx.commits.write(functools.partial(_execute, stmt=sweep))

@@ -47,7 +47,8 @@ class Device(Base):
     created_at: Mapped[float] = mapped_column(Double, index=True)
     updated_at: Mapped[float] = mapped_column(Double)
     admitted_at: Mapped[float | None] = mapped_column(Double)
-    online: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    # no index: a boolean that is true for most devices makes SQLite pick it over the id order
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seen: Mapped[float | None] = mapped_column(Double, index=True)
     # which server replica holds the live session (multi-replica presence)
     replica: Mapped[str | None] = mapped_column(String(64))
