@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
+from starlette.types import Receive, Scope, Send
 
 from corral import __version__
 from corral.server.api import errors as api_errors
@@ -23,6 +24,34 @@ from corral.server.secrets import load_audit_key
 from corral.server.store.db import create_engine, is_sqlite, session_factory
 
 log = logging.getLogger(__name__)
+
+
+DEVICE_PATH = "/device/v1/connect"
+
+
+class DeviceSurface:
+    """The outermost ASGI app: device sockets go straight to the hub, everything else to the API.
+
+    A device session lives for days and there are tens of thousands of them, so it skips the
+    API's routing, middleware and dependency machinery: each of those layers would keep its
+    frames and closures alive for the whole session (measured: ~40% of the per-connection
+    memory). The device surface is separate from the management API anyway (DESIGN §8).
+    """
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == DEVICE_PATH:
+            ctx: ServerContext = self.api.state.ctx
+            assert ctx.hub is not None
+            await ctx.hub.handle(WebSocket(scope, receive, send))
+        else:
+            await self.api(scope, receive, send)
+
+
+def create_asgi(config: ServerConfig) -> DeviceSurface:
+    return DeviceSurface(create_app(config))
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -75,12 +104,6 @@ def create_app(config: ServerConfig) -> FastAPI:
         hub = ctx.hub
         return JSONResponse({"status": "ok", "version": __version__, "replica": config.replica_id,
                              "devices_connected": len(hub.sessions) if hub else 0})
-
-    @app.websocket("/device/v1/connect")
-    async def device_connect(ws: WebSocket) -> None:
-        ctx: ServerContext = app.state.ctx
-        assert ctx.hub is not None
-        await ctx.hub.handle(ws)
 
     index = Path(__file__).resolve().parent.parent / "web" / "templates" / "index.html"
 

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from corral.errors import Conflict
 from corral.server import auth
-from corral.server.app import create_app
+from corral.server.app import create_asgi
 from corral.server.config import ServerConfig
 from corral.server.secrets import ensure_audit_key, load_audit_key
 from corral.server.store import migrate
@@ -94,14 +94,14 @@ def init_strict(config: ServerConfig, admin_user: str = "admin") -> dict[str, An
 def serve(config: ServerConfig) -> None:
     logging.basicConfig(level=os.environ.get("CORRAL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config)
+    app = create_asgi(config)
     uv = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         loop="uvloop",
         http="httptools",
-        ws="websockets-sansio",
+        ws=os.environ.get("CORRAL_WS_IMPL", "websockets-sansio"),
         ws_max_size=config.limits.max_frame_bytes,
         ws_ping_interval=None,  # the device protocol has its own heartbeat
         log_level=os.environ.get("CORRAL_LOG_LEVEL", "info").lower(),
