@@ -353,22 +353,37 @@ def _sim_client(a: argparse.Namespace) -> int:
         start_rate=rate, max_connecting=a.in_flight, summary_interval=5.0))
 
 
-async def _fan_out(server: CorralServer, ids: list[str], concurrency: int) -> tuple[float, int]:
-    """POST one ping per device, ``concurrency`` in flight; returns (seconds, errors)."""
+async def _fan_out(server: CorralServer, ids: list[str], concurrency: int) -> tuple[float, int, int]:
+    """POST one ping per device, ``concurrency`` in flight; returns (seconds, failed requests,
+    retried requests). A request whose connection dropped is retried (twice at most): the
+    completion count below counts devices, so a duplicate command cannot fake a result."""
+    import httpx
+
     sem = asyncio.Semaphore(concurrency)
-    errors = 0
+    errors = retries = 0
 
     async with server.async_client(max_connections=concurrency) as c:
         async def one(dev: str) -> None:
-            nonlocal errors
+            nonlocal errors, retries
             async with sem:
-                r = await c.post(f"/devices/{dev}/commands", json={"name": "ping"})
-                if r.status_code != 201:
-                    errors += 1
+                for attempt in range(3):
+                    try:
+                        r = await c.post(f"/devices/{dev}/commands", json={"name": "ping"})
+                    except httpx.TransportError as exc:
+                        if attempt == 2:
+                            print(f"connections: fan-out POST failed: {exc!r}", file=sys.stderr, flush=True)
+                            errors += 1
+                            return
+                        retries += 1
+                        await asyncio.sleep(0.5)
+                        continue
+                    if r.status_code != 201:
+                        errors += 1
+                    return
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(d) for d in ids))
-        return time.perf_counter() - t0, errors
+        return time.perf_counter() - t0, errors, retries
 
 
 def _cpu_fraction(pid: int, seconds: float) -> float:
@@ -383,7 +398,7 @@ def _succeeded(db_path: Path, since: float) -> tuple[int, float | None]:
     from the server's database (read-only; WAL readers do not block the server)."""
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
-        n, last = con.execute("SELECT count(*), max(updated_at) FROM device_commands "
+        n, last = con.execute("SELECT count(DISTINCT device_id), max(updated_at) FROM device_commands "
                               "WHERE status = 'succeeded' AND created_at >= ?", (since,)).fetchone()
         return int(n), last
     finally:
@@ -477,13 +492,14 @@ def run_corral(tmp: Path, n: int, clients: int, in_flight: int, open_loop_rate: 
         # fan-out: one ping to every device
         since = time.time()
         cpu0, w0 = cpu_seconds(server.pid), time.perf_counter()
-        enqueue_s, errors = asyncio.run(_fan_out(server, ids, concurrency))
+        enqueue_s, errors, retried = asyncio.run(_fan_out(server, ids, concurrency))
+        server.check_alive()
         done, last = _succeeded(server.db_path, since)
         deadline = time.time() + timeout
         while done < len(ids) - errors and time.time() < deadline:
             time.sleep(0.25)
             done, last = _succeeded(server.db_path, since)
-        out.update(fanout_enqueue_s=enqueue_s, fanout_errors=errors, fanout_succeeded=done,
+        out.update(fanout_enqueue_s=enqueue_s, fanout_errors=errors, fanout_retried=retried, fanout_succeeded=done,
                    fanout_s=(last - since) if last else None,
                    cpu_ms_per_command_fanout=((cpu_seconds(server.pid) - cpu0 - idle * (time.perf_counter() - w0))
                                               * 1000 / max(len(ids), 1)))
@@ -554,6 +570,9 @@ def run(n: int, clients: int, in_flight: int, sample_size: int, concurrency: int
               f"broadcast {ref['broadcast_s'] * 1000:.0f} ms", flush=True)
     try:
         cor = run_corral(tmp, n, clients, in_flight, open_loop_rate, sample_size, concurrency, timeout, seed)
+    except BaseException:
+        print(f"connections: server log (tail):\n{tail(tmp / 'corral' / 'server.log')}", file=sys.stderr)
+        raise
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -588,7 +607,10 @@ def run(n: int, clients: int, in_flight: int, sample_size: int, concurrency: int
                goal=f"< {RTT_GOAL_MS:.0f} ms", met=(rtt99 < RTT_GOAL_MS) if rtt99 is not None else None),
         Figure("fan-out: one command to all, until all results are in", cor.get("fanout_s"), "s",
                ref["broadcast_s"] if ref else None,
-               note=f"{cor['fanout_succeeded']:,} succeeded"),
+               note=f"{cor['fanout_succeeded']:,} succeeded"
+               + (f", {cor['fanout_retried']} POSTs retried after a dropped connection"
+                  if cor["fanout_retried"] else "")
+               + (f", {cor['fanout_errors']} POSTs failed" if cor["fanout_errors"] else "")),
         Figure("fan-out: all commands accepted by the REST API", cor["fanout_enqueue_s"], "s"),
         Figure("fan-out throughput", cor["fanout_succeeded"] / cor["fanout_s"] if cor.get("fanout_s") else None,
                "commands/s", n / ref["broadcast_s"] if ref else None, better="higher"),

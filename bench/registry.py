@@ -303,8 +303,9 @@ def run(devices: int, samples: int, group_samples: int, listing_runs: int, quick
     result["details"]["counts"] = counts
     print(f"registry: {devices:,} devices written in {result['details']['populate_s']:.1f} s", flush=True)
     server.start()
-    raw = RawQueries(server.db_path)
+    raw: RawQueries | None = None
     try:
+        raw = RawQueries(server.db_path)
         counts["online"] = mark_online(server.db_path, 0.6)
         with server.client() as c:
             # --- device list pages ---
@@ -376,7 +377,8 @@ def run(devices: int, samples: int, group_samples: int, listing_runs: int, quick
                 )
             server.check_alive()
     finally:
-        raw.close()
+        if raw is not None:
+            raw.close()
         server.stop()
         if workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)
