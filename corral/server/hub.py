@@ -204,11 +204,15 @@ class Hub:
         if old is not None:
             await self._close_ws(old, p.CloseCode.REPLACED, "replaced by a newer connection")
         self.connects_total += 1
-        await self._send(session, p.Welcome(device_id=session.device_id, status=status,  # type: ignore[arg-type]
-                                            heartbeat_interval=cfg.timeouts.heartbeat_interval,
-                                            session_id=session.session_id))
-        if status == "accepted":
-            await self._deliver_queued(session)
+        try:
+            await self._send(session, p.Welcome(device_id=session.device_id, status=status,  # type: ignore[arg-type]
+                                                heartbeat_interval=cfg.timeouts.heartbeat_interval,
+                                                session_id=session.session_id))
+            if status == "accepted":
+                await self._deliver_queued(session)
+        except BaseException:
+            await self._end(session)  # registered and marked online: undo both
+            raise
         return session
 
     async def _admit(self, hello: p.Hello) -> str:
