@@ -33,6 +33,8 @@ class ServerContext:
     # SQLite has one writer: serialising our write transactions in-process avoids
     # SQLITE_BUSY_SNAPSHOT on read-then-write and keeps the audit chain linear.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # API token -> (trusted until, monotonic; principal): see api.deps.TOKEN_CACHE_SECONDS
+    token_cache: dict[str, tuple[float, Principal]] = field(default_factory=dict)
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncSession]:

@@ -358,22 +358,32 @@ class Hub:
         if res.rowcount:  # type: ignore[attr-defined]
             await self.ctx.bus.publish(f"command.{command_id}.done", status.encode())
 
-    async def wait_command(self, command_id: str, timeout: float) -> None:
-        """Wait (bounded) until a command finishes; returns silently on timeout."""
+    def watch_command(self, command_id: str) -> asyncio.Future[None]:
+        """A future resolved when the command finishes; register it before the command can."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(command_id, []).append(fut)
+        return fut
+
+    async def await_command(self, command_id: str, fut: asyncio.Future[None], timeout: float) -> None:
+        """Wait (bounded) on a watch; returns silently on timeout."""
         try:
-            async with self.ctx.reader() as db:  # it may have finished before we registered
-                st = await db.scalar(select(DeviceCommand.status).where(DeviceCommand.id == command_id))
-            if st in ("queued", "sent", "acknowledged"):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(fut, timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, timeout)
         finally:
             waiters = self._waiters.get(command_id, [])
             if fut in waiters:
                 waiters.remove(fut)
             if not waiters:
                 self._waiters.pop(command_id, None)
+
+    async def wait_command(self, command_id: str, timeout: float) -> None:
+        """Wait (bounded) until an existing command finishes; returns silently on timeout."""
+        fut = self.watch_command(command_id)
+        async with self.ctx.reader() as db:  # it may have finished before we registered
+            st = await db.scalar(select(DeviceCommand.status).where(DeviceCommand.id == command_id))
+        if st not in ("queued", "sent", "acknowledged"):
+            fut.set_result(None)
+        await self.await_command(command_id, fut, timeout)
 
     # --- bus handlers -------------------------------------------------------------------------
 

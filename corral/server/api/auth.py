@@ -11,7 +11,7 @@ from sqlalchemy import delete, select
 from corral.core.durations import parse_duration
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.server import auth
-from corral.server.api.deps import Admin, Ctx, Paging, Viewer, encode_cursor, rid
+from corral.server.api.deps import Admin, Ctx, Paging, Viewer, bearer_token, encode_cursor, rid
 from corral.server.api.views import iso
 from corral.server.store.models import ApiToken, User
 
@@ -88,6 +88,9 @@ async def whoami(who: Viewer) -> WhoAmI:
 
 @router.post("/auth/logout", status_code=204, summary="Revoke the presented token")
 async def logout(ctx: Ctx, who: Viewer, request: Request) -> Response:
+    token = bearer_token(request)
+    if token:
+        ctx.token_cache.pop(token, None)
     async with ctx.writer() as db:
         await db.execute(delete(ApiToken).where(ApiToken.id == who.token_id))
         await ctx.audit(db, who, "auth.logout", who.name, {"token": who.token_id}, rid(request))
@@ -136,6 +139,7 @@ async def change_user(name: str, body: UserChange, ctx: Ctx, who: Admin, request
             u.password_hash = auth.hash_password(body.password)
             changes["password"] = "changed"
         await ctx.audit(db, who, "user.change", name, changes, rid(request))
+    ctx.token_cache.clear()  # a role or disabled change takes effect at once on this replica
     return user_view(u)
 
 

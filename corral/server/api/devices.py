@@ -273,9 +273,10 @@ async def send_command(device_id: str, body: CommandIn, ctx: Ctx, who: Operator,
                              created_at=now, updated_at=now, expires_at=now + (body.ttl or t.command_default_ttl),
                              created_by=who.name))
         await ctx.audit(db, who, "device.command", dev.id, {"command": cmd_id, "name": body.name}, rid(request))
+    done = ctx.hub.watch_command(cmd_id) if body.wait and ctx.hub is not None else None
     await publish_command(ctx, device_id, cmd_id, body.name, body.args)
-    if body.wait and ctx.hub is not None:
-        await ctx.hub.wait_command(cmd_id, body.wait)
+    if done is not None and ctx.hub is not None:
+        await ctx.hub.await_command(cmd_id, done, body.wait)
     async with ctx.reader() as db:
         c = await db.get(DeviceCommand, cmd_id)
         assert c is not None
