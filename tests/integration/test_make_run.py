@@ -46,7 +46,8 @@ def test_make_run_starts_a_fleet_stops_cleanly_and_reuses_data(tmp_path: Path) -
         wait_until(lambda: (data / "demo-credentials.json").exists(), timeout=60, what="credentials")
         creds = json.loads((data / "demo-credentials.json").read_text())
         devices = wait_until(lambda: (d := _devices(url, creds["api_token"])) and len(d) == 12
-                             and all(x["online"] for x in d) and d, timeout=90, what="12 devices online")
+                             and all(x["online"] and x["inventory"].get("model") for x in d) and d, timeout=90,
+                             what="12 devices online with their inventory")
     finally:
         out = _ctrl_c(proc)
     assert proc.returncode == 0, out
