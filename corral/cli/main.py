@@ -56,8 +56,9 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="database URL (default: 
 
 
 def _server_config(data_dir: Path, db: str | None, bind: str = "127.0.0.1:8080", bus: str | None = None,
-                   heartbeat: float | None = None, allow_pending: bool = True) -> Any:
-    from corral.server.config import ServerConfig, Timeouts
+                   heartbeat: float | None = None, allow_pending: bool = True,
+                   max_handshakes: int | None = None) -> Any:
+    from corral.server.config import Limits, ServerConfig, Timeouts
     from corral.server.main import saved_db_url
 
     host, port = parse_bind(bind)
@@ -66,8 +67,9 @@ def _server_config(data_dir: Path, db: str | None, bind: str = "127.0.0.1:8080",
         if heartbeat <= 0:
             raise InvalidInput("--heartbeat-interval must be positive")
         timeouts = Timeouts(heartbeat_interval=heartbeat, presence_flush=min(timeouts.presence_flush, heartbeat))
+    limits = Limits(max_concurrent_handshakes=max_handshakes) if max_handshakes else Limits()
     return ServerConfig(data_dir=data_dir, host=host, port=port, db_url=db or saved_db_url(data_dir) or "",
-                        bus_url=bus or "", timeouts=timeouts, allow_pending=allow_pending)
+                        bus_url=bus or "", timeouts=timeouts, allow_pending=allow_pending, limits=limits)
 
 
 @server_app.callback()
@@ -79,13 +81,14 @@ def server(
     bus: Annotated[str | None, typer.Option("--bus", help="nats://HOST:PORT to share state between replicas")] = None,
     heartbeat_interval: Annotated[float | None, typer.Option(help="seconds between device heartbeats")] = None,
     allow_pending: Annotated[bool, typer.Option(help="let devices without a token wait for acceptance")] = True,
+    max_handshakes: Annotated[int | None, typer.Option(min=1, help="device handshakes at once (more: 4429)")] = None,
 ) -> None:
     """Initialize the data dir if needed, then run the server."""
     if ctx.invoked_subcommand is not None:
         return
     from corral.server.main import init, serve
 
-    cfg = _server_config(data_dir, db, bind, bus, heartbeat_interval, allow_pending)
+    cfg = _server_config(data_dir, db, bind, bus, heartbeat_interval, allow_pending, max_handshakes)
     creds = init(cfg)
     if creds is not None:
         sys.stderr.write(

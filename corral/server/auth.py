@@ -11,7 +11,8 @@ import functools
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -37,6 +38,7 @@ class Principal:
     name: str
     role: str
     token_id: str
+    stale_last_used: bool = field(default=False, compare=False)
 
     def has_role(self, least: str) -> bool:
         return ROLE_RANK[self.role] >= ROLE_RANK[least]
@@ -134,11 +136,14 @@ async def resolve_token(db: AsyncSession, token: str) -> Principal:
         raise Unauthorized("API token expired")
     if user.disabled:
         raise Unauthorized("user disabled")
-    # last_used is advisory: only written when stale, to keep reads read-only on the hot path
-    if tok.last_used_at is None or now - tok.last_used_at > 60:
-        await db.execute(update(ApiToken).where(ApiToken.id == tok.id).values(last_used_at=now))
-        await db.commit()
-    return Principal(user_id=user.id, name=user.name, role=user.role, token_id=tok.id)
+    # last_used is advisory: the caller records it (through the writer) only when it is stale
+    stale = tok.last_used_at is None or now - tok.last_used_at > 60
+    return Principal(user_id=user.id, name=user.name, role=user.role, token_id=tok.id, stale_last_used=stale)
+
+
+def touch_statement(token_id: str) -> Any:
+    return (update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=time.time())
+            .execution_options(synchronize_session=False))
 
 
 async def authenticate_password(db: AsyncSession, name: str, password: str) -> User:

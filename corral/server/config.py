@@ -23,6 +23,8 @@ class Limits:
     max_page_size: int = 1000
     max_inventory_bytes: int = 64 << 10
     max_command_args_bytes: int = 16 << 10
+    # handshakes in progress at once; more are closed with 4429 and retry with backoff
+    max_concurrent_handshakes: int = 256
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._last_flush = 0.0
+        self._handshaking = 0
+        self.busy_total = 0
         self.connects_total = 0
         self.refused_total = 0
 
@@ -148,12 +150,23 @@ class Hub:
         if p.PROTOCOL not in offered:
             await ws.close(code=p.CloseCode.MALFORMED, reason=f"subprotocol {p.PROTOCOL} required")
             return
+        if self._handshaking >= self.ctx.config.limits.max_concurrent_handshakes:
+            # A reconnect storm: refuse the excess at once (cheap) rather than queue it past the
+            # devices' handshake timeout. The agent backs off with jitter and comes back.
+            self.busy_total += 1
+            await ws.accept(subprotocol=p.PROTOCOL)
+            await ws.close(code=p.CloseCode.RATE_LIMITED, reason="server busy, retry later")
+            return
         await ws.accept(subprotocol=p.PROTOCOL)
         # The handshake headers are not needed again, but the scope lives as long as the session.
         ws.scope["headers"] = ()
         session: DeviceSession | None = None
         try:
-            session = await self._handshake(ws)
+            self._handshaking += 1
+            try:
+                session = await self._handshake(ws)
+            finally:
+                self._handshaking -= 1
             await self._serve(session)
         except _Close as c:
             self.refused_total += session is None
@@ -435,7 +448,6 @@ class Hub:
                 log.exception("presence tick failed")
 
     async def _presence_tick(self) -> None:
-        release_free_memory()
         t = self.ctx.config.timeouts
         deadline = time.monotonic() - t.heartbeat_interval * t.heartbeat_grace_intervals
         live: list[str] = []
@@ -447,17 +459,17 @@ class Hub:
         if time.monotonic() - self._last_flush < t.presence_flush:
             return
         self._last_flush = time.monotonic()
+        release_free_memory()  # blocks for milliseconds: only as often as the presence flush
         now = time.time()
         replica = self.ctx.config.replica_id
         # One small write per chunk, each its own group-commit op: command and enrollment writes
         # interleave with them instead of waiting behind one long presence transaction.
-        writes = []
         for i in range(0, len(live), PRESENCE_CHUNK):
             # also re-asserts online: a replaced session's late close may have marked it offline
             stmt = (_update(Device).where(Device.id.in_(live[i:i + PRESENCE_CHUNK]))
                     .values(last_seen=now, online=True, replica=replica))
-            writes.append(self.ctx.commits.write(functools.partial(_execute, stmt=stmt)))
-        await asyncio.gather(*writes)
+            # one chunk at a time: queued all at once they would share one long transaction
+            await self.ctx.commits.write(functools.partial(_execute, stmt=stmt))
         # devices a vanished replica left "online": stale beyond any flush period
         stale = now - (t.heartbeat_interval * t.heartbeat_grace_intervals + t.presence_flush * 2)
         sweep = (_update(Device).where(Device.online.is_(True), Device.last_seen < stale)

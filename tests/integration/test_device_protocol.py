@@ -220,3 +220,30 @@ def test_subprotocol_is_required(shared_server: ServerProc) -> None:
         return None
 
     assert asyncio.run(go()) in (p.CloseCode.MALFORMED, 403)
+
+
+def test_handshakes_over_the_limit_are_refused_with_4429(tmp_path) -> None:
+    from tests.conftest import start_server
+
+    s = start_server(tmp_path, extra=["--max-handshakes", "2"])
+    try:
+        async def go() -> tuple[int | None, bool]:
+            stalled = [await open_ws(s.ws_url) for _ in range(2)]  # take the challenge, never answer
+            for ws in stalled:
+                await challenge(ws)
+            extra = await open_ws(s.ws_url)
+            code = await close_code(extra)
+            for ws in stalled:
+                await ws.close()
+            # once the stalled handshakes are gone, devices get in again
+            token = s.create_enrollment_token()
+            ws, body = await connect_device(s.ws_url, Key.new(), token)
+            await ws.close()
+            return code, isinstance(body, p.Welcome)
+
+        code, admitted = asyncio.run(go())
+        assert code == p.CloseCode.RATE_LIMITED
+        assert admitted
+        assert healthy(s)
+    finally:
+        s.stop()

@@ -12,13 +12,18 @@ from fastapi import Depends, Query, Request
 from pydantic import BaseModel
 
 from corral.errors import Forbidden, InvalidInput, Unauthorized
-from corral.server.auth import Principal, resolve_token
+from corral.server.auth import Principal, resolve_token, touch_statement
 from corral.server.context import ServerContext
 
 SESSION_COOKIE = "corral_session"
 
 
-def get_ctx(request: Request) -> ServerContext:
+async def get_ctx(request: Request) -> ServerContext:
+    # async on purpose: FastAPI runs plain-function dependencies on a thread pool
+    return ctx_of(request)
+
+
+def ctx_of(request: Request) -> ServerContext:
     ctx: ServerContext = request.app.state.ctx
     return ctx
 
@@ -54,6 +59,9 @@ async def get_principal(request: Request, ctx: Ctx) -> Principal:
     else:
         async with ctx.reader() as db:
             principal = await resolve_token(db, token)
+        if principal.stale_last_used:
+            stmt = touch_statement(principal.token_id)
+            ctx.commits.write_later(lambda db: db.execute(stmt), "recording a token's last use")
         if len(ctx.token_cache) >= TOKEN_CACHE_MAX:
             ctx.token_cache.clear()
         ctx.token_cache[token] = (now + TOKEN_CACHE_SECONDS, principal)
@@ -107,17 +115,20 @@ def decode_cursor(cursor: str) -> list[Any]:
 
 
 class PageParams:
-    def __init__(
-        self,
-        request: Request,
-        limit: Annotated[int | None, Query(ge=1, description="items per page")] = None,
-        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
-    ) -> None:
-        limits = get_ctx(request).config.limits
-        if limit is not None and limit > limits.max_page_size:
-            raise InvalidInput(f"limit must be at most {limits.max_page_size}")
-        self.limit = limit or limits.default_page_size
-        self.cursor = decode_cursor(cursor) if cursor else None
+    def __init__(self, limit: int, cursor: list[Any] | None) -> None:
+        self.limit = limit
+        self.cursor = cursor
 
 
-Paging = Annotated[PageParams, Depends(PageParams)]
+async def page_params(
+    request: Request,
+    limit: Annotated[int | None, Query(ge=1, description="items per page")] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> PageParams:
+    limits = ctx_of(request).config.limits
+    if limit is not None and limit > limits.max_page_size:
+        raise InvalidInput(f"limit must be at most {limits.max_page_size}")
+    return PageParams(limit or limits.default_page_size, decode_cursor(cursor) if cursor else None)
+
+
+Paging = Annotated[PageParams, Depends(page_params)]
