@@ -46,12 +46,16 @@ def wait_until(pred: Any, timeout: float = 15.0, interval: float = 0.05, what: s
 # --- PostgreSQL ------------------------------------------------------------------------------
 
 
-def _pg_available() -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+        with socket.create_connection((host, port), timeout=1):
             return True
     except OSError:
         return False
+
+
+def _pg_available() -> bool:
+    return port_open(5432)
 
 
 def make_pg_database() -> str:

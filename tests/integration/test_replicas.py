@@ -3,22 +3,17 @@ connected to replica A is reached by commands and decommissioning done through r
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import AgentProc, ServerProc, _spawn_server, free_port, start_agent, wait_until
+from tests.conftest import AgentProc, ServerProc, _spawn_server, free_port, port_open, start_agent, wait_until
 
 NATS = "nats://127.0.0.1:4222"
 
 
 def _nats_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 4222), timeout=1):
-            return True
-    except OSError:
-        return False
+    return port_open(4222)
 
 
 def test_command_and_decommission_across_replicas(tmp_path: Path, pg_url: str, agents: list[AgentProc]) -> None:
