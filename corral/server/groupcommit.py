@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 WriteFn = Callable[[AsyncSession], Awaitable[Any]]
+
+
+async def _execute(db: AsyncSession, stmt: Any) -> Any:
+    return await db.execute(stmt)
 
 
 @dataclass(slots=True)
@@ -75,6 +80,14 @@ class GroupCommitter:
                 log.warning("%s failed: %s", what, f.exception())
 
         fut.add_done_callback(done)
+
+    async def execute(self, stmt: Any) -> Any:
+        """One statement, group-committed; returns its result."""
+        return await self.write(functools.partial(_execute, stmt=stmt))
+
+    def execute_later(self, stmt: Any, what: str) -> None:
+        """One statement, group-committed, not waited for (see ``write_later``)."""
+        self.write_later(functools.partial(_execute, stmt=stmt), what)
 
     async def _run(self) -> None:
         while True:

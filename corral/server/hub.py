@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import functools
 import logging
 import secrets
 import time
@@ -66,10 +65,6 @@ def release_free_memory() -> None:
     server's RSS tracks its live sessions rather than its busiest minute."""
     if _malloc_trim is not None:
         _malloc_trim(0)
-
-
-async def _execute(db: AsyncSession, stmt: Any) -> Any:
-    return await db.execute(stmt)
 
 
 class QueuedCommand(msgspec.Struct):
@@ -134,14 +129,10 @@ class Hub:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        sessions = list(self.sessions.values())
+        # each close marks its device offline through the group committer, which the app
+        # drains after the hub stops
         await asyncio.gather(*(self._close_ws(s, p.CloseCode.SERVER_SHUTDOWN, "server shutting down")
-                               for s in sessions), return_exceptions=True)
-        if sessions:
-            with contextlib.suppress(Exception):
-                async with self.ctx.writer() as db:
-                    await db.execute(_update(Device).where(Device.id.in_([s.device_id for s in sessions]))
-                                     .values(online=False, replica=None, last_seen=time.time()))
+                               for s in list(self.sessions.values())), return_exceptions=True)
 
     # --- the WebSocket endpoint -------------------------------------------------------------
 
@@ -300,7 +291,7 @@ class Hub:
                 doc[k] = v
         now = time.time()
         stmt = _update(Device).where(Device.id == s.device_id).values(inventory=doc, inventory_at=now, last_seen=now)
-        await self.ctx.commits.write(lambda db: db.execute(stmt))
+        await self.ctx.commits.execute(stmt)
 
     async def _end(self, s: DeviceSession) -> None:
         if self.sessions.get(s.device_id) is not s:
@@ -308,7 +299,7 @@ class Hub:
         del self.sessions[s.device_id]
         stmt = (_update(Device).where(Device.id == s.device_id, Device.replica == self.ctx.config.replica_id)
                 .values(online=False, replica=None, last_seen=time.time()))
-        self.ctx.commits.write_later(lambda db: db.execute(stmt), "marking a device offline")
+        self.ctx.commits.execute_later(stmt, "marking a device offline")
 
     # --- sending and closing ----------------------------------------------------------------
 
@@ -350,7 +341,7 @@ class Hub:
         await self._send(s, p.Command(name=name, args=args), id=cmd_id)
         stmt = (_update(DeviceCommand).where(DeviceCommand.id == cmd_id, DeviceCommand.status == "queued")
                 .values(status="sent", updated_at=time.time()))
-        self.ctx.commits.write_later(lambda db: db.execute(stmt), "marking a command sent")
+        self.ctx.commits.execute_later(stmt, "marking a command sent")
 
     async def _command_update(self, s: DeviceSession, command_id: str | None, status: str,
                               result: p.CommandResult | None) -> None:
@@ -365,10 +356,10 @@ class Hub:
             DeviceCommand.id == command_id, DeviceCommand.device_id == s.device_id,
             DeviceCommand.status.in_(allowed)).values(**values)
         if result is None:  # an acknowledgement: a progress hint, not worth waiting for
-            self.ctx.commits.write_later(lambda db: db.execute(stmt), "recording a command ack")
+            self.ctx.commits.execute_later(stmt, "recording a command ack")
             return
-        res = await self.ctx.commits.write(lambda db: db.execute(stmt))
-        if res.rowcount:  # type: ignore[attr-defined]
+        res = await self.ctx.commits.execute(stmt)
+        if res.rowcount:
             await self.ctx.bus.publish(f"command.{command_id}.done", status.encode())
 
     def watch_command(self, command_id: str) -> asyncio.Future[None]:
@@ -469,9 +460,9 @@ class Hub:
             stmt = (_update(Device).where(Device.id.in_(live[i:i + PRESENCE_CHUNK]))
                     .values(last_seen=now, online=True, replica=replica))
             # one chunk at a time: queued all at once they would share one long transaction
-            await self.ctx.commits.write(functools.partial(_execute, stmt=stmt))
+            await self.ctx.commits.execute(stmt)
         # devices a vanished replica left "online": stale beyond any flush period
         stale = now - (t.heartbeat_interval * t.heartbeat_grace_intervals + t.presence_flush * 2)
         sweep = (_update(Device).where(Device.online.is_(True), Device.last_seen < stale)
                  .values(online=False, replica=None))
-        await self.ctx.commits.write(functools.partial(_execute, stmt=sweep))
+        await self.ctx.commits.execute(sweep)

@@ -119,6 +119,12 @@ async def add_members(db: AsyncSession, group: str, device_ids: list[str]) -> in
     return len(new)
 
 
+def missing_devices(missing: list[str], what: str = "device") -> NotFound:
+    """The error for a list of device ids some of which do not exist: names the first."""
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return NotFound(f"no {what} {missing[0]!r}{more}")
+
+
 async def get_device(db: AsyncSession, device_id: str) -> Device:
     dev = await db.get(Device, device_id)
     if dev is None:

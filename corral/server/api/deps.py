@@ -60,8 +60,7 @@ async def get_principal(request: Request, ctx: Ctx) -> Principal:
         async with ctx.reader() as db:
             principal = await resolve_token(db, token)
         if principal.stale_last_used:
-            stmt = touch_statement(principal.token_id)
-            ctx.commits.write_later(lambda db: db.execute(stmt), "recording a token's last use")
+            ctx.commits.execute_later(touch_statement(principal.token_id), "recording a token's last use")
         if len(ctx.token_cache) >= TOKEN_CACHE_MAX:
             ctx.token_cache.clear()
         ctx.token_cache[token] = (now + TOKEN_CACHE_SECONDS, principal)

@@ -28,6 +28,7 @@ from corral.server.api.views import (
     command_view,
     device_views,
 )
+from corral.server.context import ServerContext
 from corral.server.hub import QueuedCommand
 from corral.server.store.models import Device, DeviceCommand
 from corral.server.store.selector_sql import to_sql
@@ -243,12 +244,12 @@ class CommandIn(BaseModel):
     wait: float = Field(default=0, ge=0, description="seconds to wait for the result before answering")
 
 
-async def publish_command(ctx: Any, device_id: str, cmd_id: str, name: str, args: dict[str, Any]) -> None:
+async def publish_command(ctx: ServerContext, device_id: str, cmd_id: str, name: str, args: dict[str, Any]) -> None:
     payload = msgspec.json.encode(QueuedCommand(id=cmd_id, name=name, args=args))
     await ctx.bus.publish(f"device.{device_id}.command", payload)
 
 
-def check_command(ctx: Any, name: str, args: dict[str, Any], wait: float) -> None:
+def check_command(ctx: ServerContext, name: str, args: dict[str, Any], wait: float) -> None:
     t, limits = ctx.config.timeouts, ctx.config.limits
     if not all(c.isalnum() or c in "-_." for c in name):
         raise InvalidInput("command name must be letters, digits and -_.")
@@ -351,8 +352,7 @@ async def send_bulk_command(body: BulkCommandIn, ctx: Ctx, who: Operator, reques
                 found |= set((await db.scalars(stmt.where(Device.id.in_(wanted[i:i + 500])))).all())
             missing = [d for d in wanted if d not in found]
             if missing:
-                raise NotFound(f"no accepted device {missing[0]!r}"
-                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                raise registry.missing_devices(missing, "accepted device")
             ids = wanted
         else:
             ids = list((await db.scalars(stmt.order_by(Device.id))).all())

@@ -116,8 +116,7 @@ async def add_members(name: str, body: MembersIn, ctx: Ctx, who: Operator, reque
         found = set((await db.scalars(select(Device.id).where(Device.id.in_(ids)))).all())
         missing = [d for d in ids if d not in found]
         if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise NotFound(f"no device {missing[0]!r}{more}")
+            raise registry.missing_devices(missing)
         added = await registry.add_members(db, name, ids)
         await ctx.audit(db, who, "group.add", name, {"devices": ids, "added": added}, rid(request))
     async with ctx.reader() as db:
