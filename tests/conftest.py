@@ -251,6 +251,11 @@ class AgentProc:
 
         return Identity.load_or_create(self.state_dir).device_id
 
+    def wait_device_id(self) -> str:
+        """The id once the agent has written its key (reading earlier would create a key)."""
+        return str(wait_until(lambda: (self.state_dir / "device.key").exists() and self.device_id(),
+                              what="the agent's key"))
+
 
 def start_agent(server: ServerProc, state_dir: Path, token: str | None = None, *extra: str) -> AgentProc:
     state_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,7 @@ def test_enroll_tag_group_presence_decommission(server: ServerProc, tmp_path: Pa
     token = server.create_enrollment_token(tags={"site": "berlin"}, max_uses=5)
     agent = start_agent(server, tmp_path / "agent1", token)
     agents.append(agent)
-    dev_id = wait_until(lambda: agent.device_id() if (agent.state_dir / "device.key").exists() else None,
-                        what="the agent's key")
+    dev_id = agent.wait_device_id()
 
     # enrolls with the token's tags, online, with its inventory
     d = wait_until(lambda: (x := device(server, dev_id) if server.api("GET", f"/devices/{dev_id}").status_code == 200
@@ -79,7 +78,7 @@ def test_offline_within_two_heartbeats_when_the_network_vanishes(server: ServerP
     token = server.create_enrollment_token()
     agent = start_agent(server, tmp_path / "a", token)
     agents.append(agent)
-    dev_id = wait_until(lambda: (agent.state_dir / "device.key").exists() and agent.device_id())
+    dev_id = agent.wait_device_id()
     wait_until(lambda: server.api("GET", f"/devices/{dev_id}").status_code == 200
                and server.api("GET", f"/devices/{dev_id}").json()["online"], what="online")
     agent.proc.send_signal(signal.SIGSTOP)
@@ -96,7 +95,7 @@ def test_pending_device_is_accepted_by_an_operator(server: ServerProc, tmp_path:
                                                    agents: list[AgentProc]) -> None:
     agent = start_agent(server, tmp_path / "p")
     agents.append(agent)
-    dev_id = wait_until(lambda: (agent.state_dir / "device.key").exists() and agent.device_id())
+    dev_id = agent.wait_device_id()
     d = wait_until(lambda: (r := server.api("GET", f"/devices/{dev_id}")).status_code == 200 and r.json())
     assert d["status"] == "pending"
     # commands are for accepted devices only
@@ -113,7 +112,7 @@ def test_pending_device_is_accepted_by_an_operator(server: ServerProc, tmp_path:
 def test_rejected_pending_device_is_refused(server: ServerProc, tmp_path: Path, agents: list[AgentProc]) -> None:
     agent = start_agent(server, tmp_path / "r")
     agents.append(agent)
-    dev_id = wait_until(lambda: (agent.state_dir / "device.key").exists() and agent.device_id())
+    dev_id = agent.wait_device_id()
     wait_until(lambda: server.api("GET", f"/devices/{dev_id}").status_code == 200)
     assert server.cli("device", "reject", dev_id).returncode == 0
     wait_until(lambda: agent.proc.poll() is not None, what="rejected agent exits")
@@ -143,7 +142,7 @@ def test_commands_round_trip_and_queue_for_offline_devices(server: ServerProc, t
     token = server.create_enrollment_token()
     agent = start_agent(server, tmp_path / "c", token)
     agents.append(agent)
-    dev_id = wait_until(lambda: (agent.state_dir / "device.key").exists() and agent.device_id())
+    dev_id = agent.wait_device_id()
     wait_until(lambda: (r := server.api("GET", f"/devices/{dev_id}")).status_code == 200 and r.json()["online"])
 
     r = server.cli("device", "command", dev_id, "ping", "--json")

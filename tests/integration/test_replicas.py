@@ -34,7 +34,7 @@ def test_command_and_decommission_across_replicas(tmp_path: Path, pg_url: str, a
         token = b.create_enrollment_token(tags={"site": "berlin"})
         agent = start_agent(a, tmp_path / "dev", token)  # the device talks to replica A only
         agents.append(agent)
-        dev = wait_until(lambda: (agent.state_dir / "device.key").exists() and agent.device_id())
+        dev = agent.wait_device_id()
         wait_until(lambda: (r := b.api("GET", f"/devices/{dev}")).status_code == 200 and r.json()["online"],
                    what="B sees the device online")
         r = b.api("POST", f"/devices/{dev}/commands", json={"name": "ping", "wait": 10})
