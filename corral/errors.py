@@ -6,7 +6,9 @@ Code raises these; the HTTP API maps them to status codes in exactly one place
 
     CorralError
     ├── InvalidInput          bad request body, query or argument (400)
-    │   └── SelectorError     a selector that does not parse; carries the 1-based column
+    │   ├── SelectorError     a selector that does not parse; carries the 1-based column
+    │   └── ExpressionError   a metric expression (rule, alert, health gate) that does not
+    │                         parse or type-check; carries the 1-based column
     ├── Unauthorized          missing or wrong credentials (401)
     ├── Forbidden             authenticated, but the role does not allow it (403)
     ├── NotFound              no such device, group, token, user ... (404)
@@ -37,6 +39,22 @@ class SelectorError(InvalidInput):
     """A selector expression that does not parse or type-check; ``column`` is 1-based."""
 
     code = "invalid_selector"
+
+    def __init__(self, message: str, column: int, expression: str = "") -> None:
+        super().__init__(f"column {column}: {message}")
+        self.message = message
+        self.column = column
+        self.expression = expression
+
+
+class ExpressionError(InvalidInput):
+    """A metric expression (``corral.core.expr``) that does not parse or type-check.
+
+    Shaped like :class:`SelectorError`: ``column`` is 1-based, ``detail`` reads
+    ``column N: message``.
+    """
+
+    code = "invalid_expression"
 
     def __init__(self, message: str, column: int, expression: str = "") -> None:
         super().__init__(f"column {column}: {message}")

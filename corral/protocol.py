@@ -14,6 +14,12 @@ The handshake, in order::
     device → heartbeat {seq}            server → heartbeat_ack {seq, server_time}
     server → command   {name, args}     device → command_ack, then command_result
     server → status    {status}         (a pending device was accepted)
+    device → telemetry {seq, series, events, dropped}   server → telemetry_ack {seq, ...}
+    server → rules     {version, rules}                 device → rules_ack {version, refused}
+
+Telemetry is at-least-once (DESIGN §3): the agent spools every batch on disk under a per-device
+sequence number and deletes it only after the ``telemetry_ack`` for that ``seq``; the server
+ingests idempotently by (device, seq), so a batch sent twice is stored once.
 
 The signature proves possession of the device key: Ed25519 over :func:`hello_signing_payload`,
 which binds the server's one-time nonce, the protocol version and the identity claimed.
@@ -22,6 +28,7 @@ which binds the server's one-time nonce, the protocol version and the identity c
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from enum import IntEnum
 from typing import Any, Literal, TypeVar
@@ -153,9 +160,96 @@ class Error(msgspec.Struct, omit_defaults=True):
     message: str
 
 
+# --- telemetry ----------------------------------------------------------------------------------
+
+#: metric names: dot-separated segments of letters, digits and ``_`` (``cpu.percent``,
+#: ``net.eth0.rx_bytes_per_s``, ``app.queue_depth``); no ``-`` so that expressions can subtract
+METRIC_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+METRIC_NAME_MAX = 128
+
+
+def valid_metric_name(name: str) -> bool:
+    return len(name) <= METRIC_NAME_MAX and METRIC_NAME_RE.fullmatch(name) is not None
+
+
+#: event severities, least to most severe
+SEVERITIES = ("debug", "info", "warning", "error", "critical")
+Severity = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class MetricSeries(msgspec.Struct, array_like=True):
+    """The points of one metric in a batch, columnar: ``ts`` (epoch milliseconds) and
+    ``values`` have the same length. Columnar and array-like because a batch is mostly this."""
+
+    name: str
+    ts: list[int]
+    values: list[float]
+
+
+class Event(msgspec.Struct, omit_defaults=True):
+    """Something that happened on the device: a rule fired, a process was killed, an app said so."""
+
+    ts: int  # epoch milliseconds
+    severity: Severity
+    source: str  # "rule", "allowlist", "app", "agent", ...
+    message: str
+    attrs: dict[str, str | int | float | bool] = {}
+
+
+class Telemetry(msgspec.Struct, omit_defaults=True):
+    seq: int  # per device, increasing; the idempotency key with the device id
+    series: list[MetricSeries] = []
+    events: list[Event] = []
+    #: batches the device's spool has dropped since its state dir was created (full spool)
+    dropped: int = 0
+
+
+class TelemetryAck(msgspec.Struct, omit_defaults=True):
+    """The batch is stored (or was already): the agent may delete it from its spool.
+
+    ``rejected`` counts points or events the server refused (bad name, NaN, a timestamp out of
+    range), with one ``reason``; they are dropped, not retried."""
+
+    seq: int
+    duplicate: bool = False
+    rejected: int = 0
+    reason: str = ""
+
+
+class RuleSpec(msgspec.Struct, omit_defaults=True):
+    """An on-device rule (DESIGN §6). ``kind`` ``threshold``: ``expr`` over local metrics, held
+    ``for_s`` seconds, raises an event of ``severity`` (and one when it clears).
+    ``kind`` ``allowlist``: processes whose executable matches none of ``allow`` (globs) are
+    reported (``mode`` ``report``) or killed, then reported (``enforce``); ``scope`` (globs, empty =
+    every process) limits which executables the allow-list watches."""
+
+    id: str
+    name: str
+    kind: Literal["threshold", "allowlist"]
+    expr: str = ""
+    for_s: float = 0.0
+    severity: Severity = "warning"
+    mode: Literal["report", "enforce"] = "report"
+    allow: list[str] = []
+    scope: list[str] = []
+
+
+class Rules(msgspec.Struct, omit_defaults=True):
+    """The complete rule set for this device; replaces whatever the device had."""
+
+    version: str
+    rules: list[RuleSpec] = []
+
+
+class RulesAck(msgspec.Struct, omit_defaults=True):
+    version: str
+    #: rule id -> why the device refused it (e.g. it would kill the agent or PID 1)
+    refused: dict[str, str] = {}
+
+
 MessageBody = (
     Challenge | Hello | Welcome | Status | Inventory | Heartbeat | HeartbeatAck | Command | CommandAck
-    | CommandResult | Error
+    | CommandResult | Error | Telemetry | TelemetryAck | Rules | RulesAck
 )
 
 #: type name on the wire -> body struct
@@ -171,6 +265,10 @@ MESSAGE_TYPES: dict[str, type[msgspec.Struct]] = {
     "command_ack": CommandAck,
     "command_result": CommandResult,
     "error": Error,
+    "telemetry": Telemetry,
+    "telemetry_ack": TelemetryAck,
+    "rules": Rules,
+    "rules_ack": RulesAck,
 }
 TYPE_NAMES: dict[type[msgspec.Struct], str] = {v: k for k, v in MESSAGE_TYPES.items()}
 

@@ -148,6 +148,14 @@ class ServerProc:
              "XDG_CONFIG_HOME": str(self.data_dir / "cli-config"), "COLUMNS": "200", **(env or {})}
         return subprocess.run(corral_cmd(*args), capture_output=True, text=True, input=input, env=e, timeout=60)
 
+    def make_user(self, name: str, role: str) -> str:
+        """Create a user with ``role``; returns an API token of theirs."""
+        r = self.api("POST", "/users", json={"name": name, "role": role, "password": "correct horse battery"})
+        assert r.status_code == 201, r.text
+        r = self.api("POST", "/auth/login", json={"user": name, "password": "correct horse battery"}, token="-")
+        assert r.status_code == 200, r.text
+        return str(r.json()["token"])
+
     def create_enrollment_token(self, **body: Any) -> str:
         r = self.api("POST", "/enrollment-tokens", json=body)
         assert r.status_code == 201, r.text
@@ -214,17 +222,23 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
         s.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerProc]:
-    """The same server on each database engine."""
-    db_url = make_pg_database() if request.param == "postgresql" else ""
-    s = start_server(tmp_path, db_url=db_url)
+def server_on(engine: str, tmp_path: Path, extra: list[str] | None = None,
+              heartbeat: float = 1.0) -> Iterator[ServerProc]:
+    """A server on ``engine`` ("sqlite" or "postgresql", a database of its own), for fixtures."""
+    db_url = make_pg_database() if engine == "postgresql" else ""
+    s = start_server(tmp_path, db_url=db_url, heartbeat=heartbeat, extra=extra)
     try:
         yield s
     finally:
         s.stop()
         if db_url:
             drop_pg_database(db_url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerProc]:
+    """The same server on each database engine."""
+    yield from server_on(request.param, tmp_path)
 
 
 # --- real agent processes -------------------------------------------------------------------

@@ -47,6 +47,30 @@ class BackoffConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     reset_after: float = 60.0
 
 
+class TelemetryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Metrics, events and the store-and-forward spool (DESIGN §6)."""
+
+    enabled: bool = True
+    #: seconds between collections (each one batch)
+    interval: float = 10.0
+    #: batches sent and not yet acknowledged, at most
+    send_window: int = 8
+    #: the spool under <state_dir>/spool: the oldest batches are dropped (and counted) beyond these
+    spool_max_bytes: int = 64 * 1024 * 1024
+    spool_max_batches: int = 100_000
+    #: UNIX socket for application metrics (docs/app-metrics.md): "auto" = <state_dir>/metrics.sock,
+    #: "" = off, or a path
+    metrics_socket: str = "auto"
+
+
+class RulesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """On-device rules pushed by the server."""
+
+    enabled: bool = True
+    #: allow-list rules in ``enforce`` mode kill processes; false refuses such rules
+    enforce: bool = True
+
+
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: the Corral server (or gateway): http(s)://host[:port][/prefix]; ws(s):// also accepted
     server: str
@@ -76,7 +100,16 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     #: extra inventory attributes (merged over the detected ones), e.g. site = "berlin"
     attributes: dict[str, AttributeValue] = {}
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
     log_level: str = "info"
+
+    @property
+    def metrics_socket_path(self) -> Path | None:
+        sock = self.telemetry.metrics_socket
+        if not sock:
+            return None
+        return self.state_dir / "metrics.sock" if sock == "auto" else Path(sock)
 
     @property
     def device_url(self) -> str:
@@ -141,6 +174,10 @@ def _validate(cfg: AgentConfig) -> None:
             cfg.enroll_token is None or cfg.enroll_token_file is None,
             "give enroll_token or enroll_token_file, not both",
         ),
+        (cfg.telemetry.interval >= 0.01, f"telemetry.interval must be >= 0.01, got {cfg.telemetry.interval}"),
+        (1 <= cfg.telemetry.send_window <= 1024, "telemetry.send_window must be between 1 and 1024"),
+        (cfg.telemetry.spool_max_bytes >= 64 * 1024, "telemetry.spool_max_bytes must be at least 65536"),
+        (cfg.telemetry.spool_max_batches >= 1, "telemetry.spool_max_batches must be at least 1"),
     ]
     numbers = {
         "connect_timeout": cfg.connect_timeout,
@@ -149,6 +186,7 @@ def _validate(cfg: AgentConfig) -> None:
         "backoff.base": b.base,
         "backoff.cap": b.cap,
         "backoff.reset_after": b.reset_after,
+        "telemetry.interval": cfg.telemetry.interval,
     }
     checks += [(math.isfinite(v), f"{k} must be a finite number, got {v}") for k, v in numbers.items()]
     for ok, message in checks:

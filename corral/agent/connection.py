@@ -32,7 +32,7 @@ import enum
 import functools
 import logging
 import random
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
@@ -47,6 +47,7 @@ from corral.agent.commands import BUILTIN_COMMANDS, CommandRegistry
 from corral.agent.config import AgentConfig, device_ws_url
 from corral.agent.identity import AgentState, Identity, StateStore
 from corral.agent.platform.base import Platform
+from corral.agent.telemetry.pump import TelemetryPump
 from corral.core.backoff import Backoff, BackoffPolicy
 
 log = logging.getLogger("corral.agent")
@@ -61,7 +62,14 @@ MIN_HEARTBEAT_INTERVAL = 0.01
 MAX_HEARTBEAT_INTERVAL = 3600.0
 
 #: server → agent message types the receive loop acts on; anything else is ignored (newer server)
-_HANDLED_TYPES = frozenset({"command", "status", "heartbeat_ack", "error", "welcome", "challenge"})
+_HANDLED_TYPES = frozenset({"command", "status", "heartbeat_ack", "error", "welcome", "challenge", "telemetry_ack",
+                            "rules"})
+
+
+class RuleHost(Protocol):
+    """Receives the server's rule sets (see :mod:`corral.agent.rules`)."""
+
+    async def apply(self, rules: protocol.Rules) -> protocol.RulesAck: ...
 
 
 class Outcome(enum.Enum):
@@ -172,9 +180,11 @@ class Agent:
         "identity",
         "last_close_code",
         "platform",
+        "rules",
         "sessions",
         "status",
         "store",
+        "telemetry",
     )
 
     def __init__(
@@ -187,8 +197,12 @@ class Agent:
         commands: CommandRegistry = BUILTIN_COMMANDS,
         rng: random.Random | None = None,
         enroll_token: str | None = None,
+        telemetry: TelemetryPump | None = None,
+        rules: RuleHost | None = None,
     ) -> None:
         self.config = config
+        self.telemetry = telemetry
+        self.rules = rules
         self.identity = identity
         self.platform = platform
         self.store = store
@@ -209,7 +223,20 @@ class Agent:
     # --- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> Outcome:
-        """Connect and stay connected, reconnecting with backoff; returns only when refused."""
+        """Connect and stay connected, reconnecting with backoff; returns only when refused.
+
+        Telemetry is collected (and spooled) all along, connected or not."""
+        collector = None
+        if self.telemetry is not None:
+            collector = asyncio.get_running_loop().create_task(self.telemetry.run())
+        try:
+            return await self._run()
+        finally:
+            if collector is not None:
+                collector.cancel()
+                await asyncio.gather(collector, return_exceptions=True)
+
+    async def _run(self) -> Outcome:
         loop = asyncio.get_running_loop()
         while True:
             action, why = await self._connect_once()
@@ -268,6 +295,8 @@ class Agent:
                 finally:
                     self.connected = False
                     self._ws = None
+                    if self.telemetry is not None:
+                        self.telemetry.detach()
                     await self._cancel_tasks()
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else None
@@ -312,6 +341,8 @@ class Agent:
             welcome.session_id,
         )
         await self.send_inventory()
+        if welcome.status == "accepted":
+            await self._attach_telemetry()
         interval = min(max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL), MAX_HEARTBEAT_INTERVAL)
         await self._serve(ws, interval)
 
@@ -382,11 +413,40 @@ class Agent:
             envelope_id, body = self._decode(frame)
             if isinstance(body, protocol.Command):
                 self._on_command(envelope_id, body)
+            elif isinstance(body, protocol.TelemetryAck):
+                if self.telemetry is not None:
+                    await self.telemetry.on_ack(body)
+            elif isinstance(body, protocol.Rules):
+                await self._apply_rules(ws, body)
             elif isinstance(body, protocol.Status):
                 await self._set_status(body.status)
                 log.info("device %s: status is now %s", self._tag, body.status)
+                if body.status == "accepted":
+                    await self._attach_telemetry()
             elif isinstance(body, protocol.Error):
                 log.warning("device %s: server error %s: %s", self._tag, body.code, body.message)
+
+    # --- telemetry and rules ------------------------------------------------------------------
+
+    async def _attach_telemetry(self) -> None:
+        if self.telemetry is not None and self._ws is not None:
+            await self.telemetry.attach(self._send_telemetry)
+
+    async def _send_telemetry(self, batch: protocol.Telemetry) -> None:
+        ws = self._ws
+        if ws is None:
+            raise ConnectionError("not connected")
+        await ws.send(_CODEC.encode(batch))
+
+    async def _apply_rules(self, ws: ClientConnection, rules: protocol.Rules) -> None:
+        """Rules come only from the authenticated server session (this socket), never from
+        local input; the host validates, persists and acknowledges them."""
+        if self.rules is None:
+            ack = protocol.RulesAck(version=rules.version,
+                                    refused={r.id: "rules are disabled on this device" for r in rules.rules})
+        else:
+            ack = await self.rules.apply(rules)
+        await ws.send(_CODEC.encode(ack))
 
     # --- state --------------------------------------------------------------------------------
 

@@ -25,7 +25,11 @@ from corral.agent.config import AgentConfig, load_config
 from corral.agent.connection import Agent, Outcome
 from corral.agent.identity import Identity, StateStore
 from corral.agent.platform.base import Platform
-from corral.errors import CorralError
+from corral.agent.rules import AgentRules
+from corral.agent.telemetry.localsock import AppMetrics, serve_local_socket
+from corral.agent.telemetry.pump import TelemetryPump
+from corral.agent.telemetry.spool import DiskSpool, SpoolError, SpoolLimits
+from corral.errors import CorralError, InvalidInput
 
 log = logging.getLogger("corral.agent")
 
@@ -56,9 +60,47 @@ async def run_agent(config: AgentConfig, platform: Platform | None = None, stop:
         from corral.agent.platform.linux import LinuxPlatform
 
         platform = LinuxPlatform(config.state_dir, config.reboot_command)
-    agent = Agent(config, identity, platform, store=store, enroll_token=token)
+    try:
+        pump, rules, local = await _telemetry(config, platform, identity.device_id[:12])
+    except CorralError as exc:
+        _error(exc.detail)
+        return EXIT_ERROR
+    agent = Agent(config, identity, platform, store=store, enroll_token=token, telemetry=pump, rules=rules)
     log.info("device %s (agent %s) connecting to %s", identity.device_id, _version(), config.device_url)
+    try:
+        return await _run(agent, identity.device_id, stop)
+    finally:
+        if local is not None:
+            local.close()
 
+
+async def _telemetry(config: AgentConfig, platform: Platform,
+                     tag: str) -> tuple[TelemetryPump | None, AgentRules, asyncio.AbstractServer | None]:
+    """The telemetry pump (disk spool, rules, the local metrics socket) for a real device."""
+    rules = AgentRules(platform, config.rules, config.state_dir, tag)
+    await asyncio.to_thread(rules.load)
+    t = config.telemetry
+    if not t.enabled:
+        return None, rules, None
+    try:
+        spool = await asyncio.to_thread(DiskSpool, config.state_dir / "spool",
+                                        SpoolLimits(max_bytes=t.spool_max_bytes, max_batches=t.spool_max_batches))
+    except (OSError, SpoolError) as e:
+        raise InvalidInput(f"cannot open the telemetry spool in {config.state_dir / 'spool'}: {e}") from None
+    app = AppMetrics()
+    local = None
+    sock = config.metrics_socket_path
+    if sock is not None:
+        try:
+            local = await serve_local_socket(sock, app)
+        except OSError as e:  # metrics from apps are a nicety: the agent runs without them
+            log.warning("cannot open the metrics socket %s: %s", sock, e)
+    pump = TelemetryPump(platform, spool, interval=t.interval, send_window=t.send_window, rules=rules, app=app,
+                         blocking_spool=True, tag=tag)
+    return pump, rules, local
+
+
+async def _run(agent: Agent, identity_id: str, stop: asyncio.Event | None) -> int:
     if stop is None:
         outcome = await agent.run()
     else:
@@ -71,11 +113,11 @@ async def run_agent(config: AgentConfig, platform: Platform | None = None, stop:
                 t.cancel()
             await asyncio.gather(task, stopper, return_exceptions=True)
         if task.cancelled():
-            log.info("device %s: agent stopped", identity.device_id)
+            log.info("device %s: agent stopped", identity_id)
             return EXIT_OK
         outcome = task.result()
     if outcome is Outcome.REFUSED:
-        _error(f"device {identity.device_id} was refused by the server (rejected or decommissioned); not retrying")
+        _error(f"device {identity_id} was refused by the server (rejected or decommissioned); not retrying")
         return EXIT_ERROR
     return EXIT_OK
 

@@ -3,6 +3,7 @@ errors on stderr in one line with exit code 1, usage errors exit 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,33 +11,16 @@ from typing import Annotated, Any
 import typer
 
 from corral.cli import config as cli_config
+from corral.cli import monitoring
 from corral.cli.client import Client
+from corral.cli.common import JsonOpt, ServerOpt, TokenOpt, client, parse_kv
 from corral.cli.output import emit_json, kv, table
+from corral.cli.webhook import app as webhook_app
 from corral.errors import CorralError, InvalidInput
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Corral: open-source IoT fleet management.")
 
-ServerOpt = Annotated[str | None, typer.Option("--server", help="server URL [env CORRAL_SERVER]")]
-TokenOpt = Annotated[str | None, typer.Option("--token", help="API token [env CORRAL_TOKEN]")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document")]
-
-
-def client(server: str | None, token: str | None) -> Client:
-    cfg = cli_config.resolve(server, token)
-    if not cfg.token:
-        raise CorralError("not logged in: run 'corral login --server URL --user NAME' or pass --token")
-    return Client(cfg.server, cfg.token)
-
-
-def parse_kv(items: list[str], what: str = "tag") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise InvalidInput(f"{what} must be KEY=VALUE, not {item!r}")
-        out[k] = v
-    return out
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -57,8 +41,9 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="database URL (default: 
 
 def _server_config(data_dir: Path, db: str | None, bind: str = "127.0.0.1:8080", bus: str | None = None,
                    heartbeat: float | None = None, allow_pending: bool = True,
-                   max_handshakes: int | None = None) -> Any:
-    from corral.server.config import Limits, ServerConfig, Timeouts
+                   max_handshakes: int | None = None, rollup_interval: float | None = None,
+                   alert_interval: float | None = None) -> Any:
+    from corral.server.config import Limits, Monitoring, ServerConfig, Timeouts
     from corral.server.main import saved_db_url
 
     host, port = parse_bind(bind)
@@ -68,8 +53,17 @@ def _server_config(data_dir: Path, db: str | None, bind: str = "127.0.0.1:8080",
             raise InvalidInput("--heartbeat-interval must be positive")
         timeouts = Timeouts(heartbeat_interval=heartbeat, presence_flush=min(timeouts.presence_flush, heartbeat))
     limits = Limits(max_concurrent_handshakes=max_handshakes) if max_handshakes else Limits()
+    monitoring = Monitoring()
+    for flag, value in (("--rollup-interval", rollup_interval), ("--alert-interval", alert_interval)):
+        if value is not None and value <= 0:
+            raise InvalidInput(f"{flag} must be positive")
+    if rollup_interval is not None:
+        monitoring = dataclasses.replace(monitoring, rollup_interval=rollup_interval)
+    if alert_interval is not None:
+        monitoring = dataclasses.replace(monitoring, alert_interval=alert_interval)
     return ServerConfig(data_dir=data_dir, host=host, port=port, db_url=db or saved_db_url(data_dir) or "",
-                        bus_url=bus or "", timeouts=timeouts, allow_pending=allow_pending, limits=limits)
+                        bus_url=bus or "", timeouts=timeouts, allow_pending=allow_pending, limits=limits,
+                        monitoring=monitoring)
 
 
 @server_app.callback()
@@ -82,13 +76,16 @@ def server(
     heartbeat_interval: Annotated[float | None, typer.Option(help="seconds between device heartbeats")] = None,
     allow_pending: Annotated[bool, typer.Option(help="let devices without a token wait for acceptance")] = True,
     max_handshakes: Annotated[int | None, typer.Option(min=1, help="device handshakes at once (more: 4429)")] = None,
+    rollup_interval: Annotated[float | None, typer.Option(help="seconds between metric rollup runs (60)")] = None,
+    alert_interval: Annotated[float | None, typer.Option(help="seconds between alert evaluations (15)")] = None,
 ) -> None:
     """Initialize the data dir if needed, then run the server."""
     if ctx.invoked_subcommand is not None:
         return
     from corral.server.main import init, serve
 
-    cfg = _server_config(data_dir, db, bind, bus, heartbeat_interval, allow_pending, max_handshakes)
+    cfg = _server_config(data_dir, db, bind, bus, heartbeat_interval, allow_pending, max_handshakes,
+                         rollup_interval, alert_interval)
     creds = init(cfg)
     if creds is not None:
         sys.stderr.write(
@@ -206,6 +203,8 @@ def sim(
     state_dir: Annotated[Path, typer.Option("--state-dir")] = Path("corral-sim"),
     models: Annotated[str, typer.Option("--models", help="hardware models, comma-separated")] = "rpi4,imx8mm",
     seed: Annotated[int, typer.Option("--seed")] = 1,
+    telemetry_interval: Annotated[float | None, typer.Option(
+        "--telemetry-interval", help="seconds between metric collections (default 10; 0 turns telemetry off)")] = None,
 ) -> None:
     """Run N simulated devices (real agents with simulated platform effects) in one process."""
     from corral.sim.runner import main_sim
@@ -214,7 +213,8 @@ def sim(
     if not model_list:
         raise InvalidInput("--models needs at least one model")
     raise typer.Exit(main_sim(server=server, enroll_tokens=enroll_token or [], devices=devices,
-                              state_dir=state_dir, models=model_list, seed=seed))
+                              state_dir=state_dir, models=model_list, seed=seed,
+                              telemetry_interval=telemetry_interval))
 
 
 # --- devices --------------------------------------------------------------------------------
@@ -467,6 +467,7 @@ def user_token(
 
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(webhook_app, name="webhook")
 
 
 @audit_app.command("list")
@@ -498,6 +499,15 @@ def audit_verify(json_out: JsonOpt = False, server: ServerOpt = None, token: Tok
         if not json_out:
             sys.stderr.write(f"error: audit log broken: {doc['problem']}\n")
         raise typer.Exit(1)
+
+
+# --- monitoring -------------------------------------------------------------------------------
+
+app.add_typer(monitoring.metrics_app, name="metrics")
+app.add_typer(monitoring.event_app, name="event")
+app.add_typer(monitoring.rule_app, name="rule")
+app.add_typer(monitoring.alert_app, name="alert")
+app.command("overview")(monitoring.overview)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import re
 
 from corral.errors import InvalidInput
@@ -29,3 +30,27 @@ def parse_duration(text: str) -> float:
     if value <= 0 or value != value or value == float("inf"):
         raise InvalidInput(f"duration must be positive: {text!r}")
     return value
+
+
+def parse_time(text: str, now: float) -> float:
+    """A point in time: a duration ago (``1h``), an ISO 8601 timestamp (UTC unless it says
+    otherwise), or epoch seconds (``@1700000000``). Returns epoch seconds."""
+    s = text.strip()
+    if s.startswith("@"):
+        try:
+            return float(s[1:])
+        except ValueError:
+            raise InvalidInput(f"not an epoch time: {text!r}") from None
+    if s.lower() == "now":
+        return now
+    try:
+        return now - parse_duration(s)
+    except InvalidInput:
+        pass
+    try:
+        t = _dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"not a time: {text!r} (a duration ago like 1h, an ISO 8601 time, or @EPOCH)") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.UTC)
+    return t.timestamp()

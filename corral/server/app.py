@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy import text
 from starlette.types import Receive, Scope, Send
 
@@ -20,8 +20,13 @@ from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
 from corral.server.groupcommit import GroupCommitter
 from corral.server.hub import Hub
+from corral.server.monitor import Monitor
+from corral.server.prom import CONTENT_TYPE as PROM_CONTENT_TYPE
+from corral.server.prom import RequestTimer, ServerMetrics
 from corral.server.secrets import load_audit_key
 from corral.server.store.db import create_engine, is_sqlite, session_factory
+from corral.server.tsdb import TimeSeriesStore
+from corral.server.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +70,22 @@ def create_app(config: ServerConfig) -> FastAPI:
                             sqlite=is_sqlite(config.database_url))
         ctx.commits = GroupCommitter(ctx)
         ctx.commits.start()
+        webhook_dispatcher = WebhookDispatcher(ctx)
+        webhook_dispatcher.start()
+        ctx.tsdb = TimeSeriesStore(postgres=not ctx.sqlite,
+                                   max_series_per_device=config.monitoring.max_series_per_device)
         ctx.hub = Hub(ctx)
         app.state.ctx = ctx
         await ctx.hub.start()
+        monitor = Monitor(ctx)
+        app.state.monitor = monitor
+        monitor.start()
         try:
             yield
         finally:
+            await monitor.stop()
             await ctx.hub.stop()
+            await webhook_dispatcher.stop()
             await ctx.commits.stop()
             await bus.close()
             await engine.dispose()
@@ -84,13 +98,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    metrics = ServerMetrics(lambda: getattr(app.state, "ctx", None))
+    app.add_middleware(RequestTimer, metrics=metrics)
     app.add_middleware(api_errors.BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(api_errors.RequestIdMiddleware)  # outermost: every response carries an id
     api_errors.install(app)
 
-    from corral.server.api import audit, auth, devices, enrollment, groups
+    from corral.server.api import alerts, audit, auth, devices, enrollment, groups, monitoring, rules, webhooks
 
-    for module in (auth, devices, groups, enrollment, audit):
+    for module in (auth, devices, groups, enrollment, audit, monitoring, rules, webhooks, alerts):
         app.include_router(module.router, prefix="/api/v1")
 
     @app.get("/healthz", tags=["server"])
@@ -104,6 +120,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         hub = ctx.hub
         return JSONResponse({"status": "ok", "version": __version__, "replica": config.replica_id,
                              "devices_connected": len(hub.sessions) if hub else 0})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        """Prometheus exposition of the server's own figures (no per-device labels)."""
+        return Response(metrics.render(), media_type=PROM_CONTENT_TYPE)
 
     index = Path(__file__).resolve().parent.parent / "web" / "templates" / "index.html"
 

@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.core.ingest import IngestLimits
+from corral.errors import InvalidInput
 from corral.server.store.db import sqlite_url_for
 
 
@@ -40,6 +42,73 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How long monitoring data is kept (DESIGN §6)."""
+
+    raw_s: float = 7 * 86400.0
+    rollup_1m_s: float = 30 * 86400.0
+    rollup_1h_s: float = 400 * 86400.0
+    events_s: float = 30 * 86400.0
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    ingest: IngestLimits = field(default_factory=IngestLimits)
+    retention: Retention = field(default_factory=Retention)
+    max_series_per_device: int = 2000
+    rollup_interval: float = 60.0  # how often new data is rolled up into 1-minute/1-hour buckets
+    prune_interval: float = 3600.0
+    alert_interval: float = 15.0  # how often server-side alerts are evaluated
+    max_query_rows: int = 2_000_000  # a metrics query reading more is refused: narrow it
+    max_query_series: int = 500  # result series (e.g. --by device) per query
+
+
+#: Testing knob: multiplies every webhook retry delay (e.g. 0.01 runs the ~24 h schedule in ~15 min).
+WEBHOOK_RETRY_SCALE_ENV = "CORRAL_WEBHOOK_RETRY_SCALE"
+
+
+def _webhook_retry_scale() -> float:
+    raw = os.environ.get(WEBHOOK_RETRY_SCALE_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = 0.0
+    if not 0 < scale < float("inf"):
+        raise InvalidInput(f"{WEBHOOK_RETRY_SCALE_ENV} must be a positive number, not {raw!r}")
+    return scale
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Limits and timeouts of webhook notifications (corral.server.webhooks)."""
+
+    max_url_len: int = 2048
+    max_events: int = 32  # event-type globs per webhook
+    max_event_len: int = 64
+    max_description_len: int = 1000
+    max_in_flight: int = 8  # deliveries being sent at once, per server replica
+    connect_timeout: float = 5.0
+    request_timeout: float = 15.0  # one attempt, connect to last response byte read
+    # a claimed attempt is not claimed again (by any replica) for this long: more than
+    # request_timeout, so only a replica that died mid-attempt leaves one to be retried
+    claim_lease: float = 60.0
+    poll_interval: float = 5.0  # look for due deliveries at least this often (other replicas, retries)
+    max_error_len: int = 500  # last_error is truncated to this
+    response_excerpt_bytes: int = 200  # of a non-2xx response body, kept in last_error
+    retry_scale: float = field(default_factory=_webhook_retry_scale)  # see corral.core.retry
+    log_retention: float = 30 * 86400.0  # delivered and failed deliveries are deleted after this
+    prune_interval: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not self.claim_lease > self.request_timeout + self.connect_timeout:
+            raise ValueError("webhook claim_lease must exceed connect_timeout + request_timeout")
+        if not self.retry_scale > 0:
+            raise ValueError("webhook retry_scale must be > 0")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path = Path("corral-data")
     host: str = "127.0.0.1"
@@ -52,6 +121,8 @@ class ServerConfig:
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    monitoring: Monitoring = field(default_factory=Monitoring)
 
     @property
     def database_url(self) -> str:

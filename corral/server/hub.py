@@ -10,7 +10,13 @@ close. Heartbeats only touch memory; live sessions' ``last_seen`` is written in 
 intervals is closed, so a device whose network vanished goes offline within two intervals.
 
 Cross-replica: commands, admission changes and forced closes arrive on the bus
-(``device.<id>.command|status|close``); whichever replica holds the session acts.
+(``device.<id>.command|status|close|rules``, ``rules.changed``); whichever replica holds the
+session acts.
+
+Telemetry: each ``telemetry`` batch is checked (``core.ingest``), stored through the group
+committer (``tsdb``) and only then acked, so the device deletes it from its spool after it is
+durable here; a batch seen before is acked as a duplicate. On-device rules go down on connect
+and whenever they (or the device's tags and groups) change (``rules_store``).
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from corral import protocol as p
 from corral.core.admission import Action, decide
-from corral.server import registry
+from corral.core.ingest import BatchRefused, clean_batch
+from corral.server import registry, rules_store
 from corral.server.context import ServerContext
 from corral.server.store.models import Device, DeviceCommand, Group
+from corral.server.tsdb import NewIds, SeriesLimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +100,9 @@ class DeviceSession:
     last_rx: float = field(default_factory=time.monotonic)
     closing: bool = False
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: the spool drop counter last stored for this device (None: not yet this session)
+    dropped: int | None = None
+    rules_version: str | None = None  # the rule set last sent down this session
 
 
 class Hub:
@@ -102,6 +113,7 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._last_flush = 0.0
+        self._ruleset: rules_store.RuleSet | None = None
         self._handshaking = 0
         self.busy_total = 0
         self.connects_total = 0
@@ -115,6 +127,8 @@ class Hub:
         await bus.subscribe("device.*.close", self._on_close_request)
         await bus.subscribe("device.*.status", self._on_status_change)
         await bus.subscribe("command.*.done", self._on_command_done)
+        await bus.subscribe(rules_store.RULES_CHANGED, self._on_rules_changed)
+        await bus.subscribe("device.*.rules", self._on_device_rules)
         # Sessions this replica held before a restart are gone: mark their devices offline.
         async with self.ctx.writer() as db:
             await db.execute(
@@ -214,6 +228,7 @@ class Hub:
                                                 session_id=session.session_id))
             if status == "accepted":
                 await self._deliver_queued(session)
+                await self._push_rules([session])
         except BaseException:
             await self._end(session)  # registered and marked online: undo both
             raise
@@ -279,6 +294,10 @@ class Hub:
                 await self._command_update(s, env.id, "acknowledged", None)
             elif isinstance(body, p.CommandResult):
                 await self._command_update(s, env.id, "succeeded" if body.ok else "failed", body)
+            elif isinstance(body, p.Telemetry):
+                await self._ingest(s, body)
+            elif isinstance(body, p.RulesAck):
+                await self._rules_ack(s, body)
             else:
                 raise _Close(p.CloseCode.MALFORMED, f"unexpected message {env.type!r}")
 
@@ -300,6 +319,82 @@ class Hub:
         stmt = (_update(Device).where(Device.id == s.device_id, Device.replica == self.ctx.config.replica_id)
                 .values(online=False, replica=None, last_seen=time.time()))
         self.ctx.commits.execute_later(stmt, "marking a device offline")
+
+    # --- telemetry ----------------------------------------------------------------------------
+
+    async def _ingest(self, s: DeviceSession, batch: p.Telemetry) -> None:
+        """Store a batch, then ack it: the agent deletes it from its spool only after the ack,
+        and a batch seen before is acked as a duplicate without being stored again."""
+        if s.status != "accepted":
+            return  # not stored and not acked: the device keeps it until it is accepted
+        ctx = self.ctx
+        now = time.time()
+        try:
+            clean = clean_batch(batch, int(now * 1000), ctx.config.monitoring.ingest)
+        except BatchRefused as e:
+            n = sum(len(x.values) for x in batch.series) + len(batch.events)
+            await self._send(s, p.TelemetryAck(seq=batch.seq, rejected=n, reason=str(e)))
+            return
+        dropped = batch.dropped if batch.dropped != s.dropped else None
+        actions = [e for e in clean.events if e.source == "allowlist"]
+
+        async def write(db: AsyncSession) -> tuple[bool, NewIds]:
+            stored, new = await ctx.tsdb.ingest(db, s.device_id, batch.seq, clean, dropped, now)
+            if stored:
+                for e in actions:  # what a device did on its own authority goes into the audit log
+                    await ctx.audit(db, f"device:{s.device_id}", "device.rule_action", s.device_id,
+                                    {"message": e.message, **e.attrs})
+            return stored, new
+
+        try:
+            stored, new = await ctx.commits.write(write)
+        except SeriesLimitExceeded as e:
+            await self._send(s, p.TelemetryAck(seq=batch.seq, rejected=len(clean.points), reason=str(e)))
+            return
+        ctx.tsdb.remember(new)
+        s.dropped = batch.dropped
+        ts = ctx.tsdb
+        ts.batches_total += 1
+        if stored:
+            ts.points_total += len(clean.points)
+            ts.rejected_total += clean.rejected
+        else:
+            ts.duplicates_total += 1
+        await self._send(s, p.TelemetryAck(seq=batch.seq, duplicate=not stored, rejected=clean.rejected,
+                                           reason=clean.reason))
+
+    async def _push_rules(self, sessions: list[DeviceSession]) -> None:
+        """Send each session its rule set, unless it already has that version."""
+        if self._ruleset is None:
+            async with self.ctx.reader() as db:
+                self._ruleset = await rules_store.load(db)
+        ruleset = self._ruleset
+        views: dict[str, Any] = {}
+        if ruleset.needs_view:
+            async with self.ctx.reader() as db:
+                views = await rules_store.device_views(db, [s.device_id for s in sessions])
+        for s in sessions:
+            rules = ruleset.for_device(views.get(s.device_id))
+            if rules.version != s.rules_version and s.status == "accepted" and not s.closing:
+                s.rules_version = rules.version
+                with contextlib.suppress(Exception):
+                    await self._send(s, rules)
+
+    async def _on_rules_changed(self, subject: str, data: bytes) -> None:
+        self._ruleset = None
+        live = [s for s in self.sessions.values() if s.status == "accepted"]
+        for i in range(0, len(live), 500):
+            await self._push_rules(live[i:i + 500])
+
+    async def _on_device_rules(self, subject: str, data: bytes) -> None:
+        """A device's tags or groups changed: its rule set may have too."""
+        s = self.sessions.get(subject.split(".")[1])
+        if s is not None and s.status == "accepted":
+            await self._push_rules([s])
+
+    async def _rules_ack(self, s: DeviceSession, ack: p.RulesAck) -> None:
+        refused = {str(k)[:64]: str(v)[:500] for k, v in list(ack.refused.items())[:1000]}
+        await self.ctx.commits.write(lambda db: rules_store.record_ack(db, s.device_id, ack.version[:64], refused))
 
     # --- sending and closing ----------------------------------------------------------------
 
@@ -418,6 +513,7 @@ class Hub:
             with contextlib.suppress(Exception):
                 await self._send(s, p.Status(status="accepted"))
                 await self._deliver_queued(s)
+                await self._push_rules([s])
 
     async def _on_command_done(self, subject: str, data: bytes) -> None:
         for fut in self._waiters.get(subject.split(".")[1], []):

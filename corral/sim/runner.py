@@ -37,6 +37,9 @@ from corral.agent.config import AgentConfig, config_from_dict
 from corral.agent.connection import Agent, Outcome
 from corral.agent.identity import Identity, StateStore, ensure_private_dir
 from corral.agent.platform.sim import DEFAULT_MODELS, SimPlatform, sim_hostname
+from corral.agent.rules import AgentRules
+from corral.agent.telemetry.pump import TelemetryPump
+from corral.agent.telemetry.spool import MemorySpool, SpoolLimits
 from corral.errors import CorralError, InvalidInput
 from corral.protocol import CloseCode
 
@@ -46,6 +49,7 @@ DEFAULT_START_RATE = 500.0  # devices started per second
 DEFAULT_MAX_CONNECTING = 200  # started devices still waiting for the server's first answer
 DEFAULT_SUMMARY_INTERVAL = 10.0
 DEFAULT_BOOT_DELAY = (2.0, 5.0)  # a simulated reboot takes this long (uniform), seconds
+SIM_SPOOL_BYTES = 4 * 1024 * 1024  # per simulated device: a few hours offline at the default interval
 
 
 def default_sim_state_dir() -> Path:
@@ -127,10 +131,25 @@ class SimFleet:
         return agent is None or (agent.sessions == 0 and agent.last_close_code is None)
 
     async def _run_device(self, i: int) -> Outcome:
-        identity, store = await asyncio.to_thread(_load_identity, self.state_dir / sim_hostname(i))
+        device_dir = self.state_dir / sim_hostname(i)
+        identity, store = await asyncio.to_thread(_load_identity, device_dir)
         platform = SimPlatform(i, self.seed, self.models, boot_delay=self.boot_delay, rng=self.rng)
         token = self.tokens[i % len(self.tokens)] if self.tokens else None
-        agent = Agent(self.config, identity, platform, store=store, rng=self.rng, enroll_token=token)
+        cfg = self.config
+        tag = identity.device_id[:12]
+        rules = AgentRules(platform, cfg.rules, device_dir, tag)
+        await asyncio.to_thread(rules.load)
+        pump = None
+        if cfg.telemetry.enabled:
+            # The agent's own pump, rules and spool semantics; the spool is in memory (thousands
+            # of simulated devices must not fsync) and bounded lower than a real device's.
+            t = cfg.telemetry
+            spool = MemorySpool(SpoolLimits(max_bytes=min(t.spool_max_bytes, SIM_SPOOL_BYTES),
+                                            max_batches=t.spool_max_batches))
+            pump = TelemetryPump(platform, spool, interval=t.interval, send_window=t.send_window, rules=rules,
+                                 blocking_spool=False, tag=tag)
+        agent = Agent(cfg, identity, platform, store=store, rng=self.rng, enroll_token=token, telemetry=pump,
+                      rules=rules)
         self.agents[i] = agent
         return await agent.run()
 
@@ -194,6 +213,7 @@ async def run_sim(
     boot_delay: tuple[float, float] = DEFAULT_BOOT_DELAY,
     config: AgentConfig | None = None,
     out: TextIO | None = None,
+    telemetry_interval: float | None = None,
 ) -> int:
     """Run ``devices`` simulated agents until ``stop`` is set (→ 0).
 
@@ -215,6 +235,12 @@ async def run_sim(
     cfg = config_from_dict({"server": server, "state_dir": str(state_dir)})  # validates the URL
     if config is not None:
         cfg = msgspec.structs.replace(config, server=cfg.server, state_dir=cfg.state_dir)
+    if telemetry_interval is not None:
+        if telemetry_interval < 0:
+            raise InvalidInput(f"--telemetry-interval must be >= 0 (0: off), got {telemetry_interval}")
+        tcfg = msgspec.structs.replace(cfg.telemetry, interval=telemetry_interval or cfg.telemetry.interval,
+                                       enabled=telemetry_interval > 0)
+        cfg = msgspec.structs.replace(cfg, telemetry=tcfg)
     await asyncio.to_thread(ensure_private_dir, state_dir)
     stream = out if out is not None else sys.stderr
 
@@ -282,6 +308,7 @@ def main_sim(
     max_connecting: int = DEFAULT_MAX_CONNECTING,
     summary_interval: float = DEFAULT_SUMMARY_INTERVAL,
     verbose: bool = False,
+    telemetry_interval: float | None = None,
 ) -> int:
     """The ``corral sim`` command: already-parsed flags in, exit code out (0, or 1 on error)."""
     from corral.agent.main import run_until_signalled, setup_logging
@@ -305,6 +332,7 @@ def main_sim(
                 start_rate=start_rate,
                 max_connecting=max_connecting,
                 summary_interval=summary_interval,
+                telemetry_interval=telemetry_interval,
             )
         )
     except CorralError as exc:

@@ -46,6 +46,16 @@ async def challenge(ws: ClientConnection) -> bytes:
     return ch.nonce
 
 
+async def recv_type(ws: ClientConnection, kind: type, timeout: float = 10) -> Any:
+    """The next frame of ``kind``, skipping others (rules, heartbeat acks, ...)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        _, body = codec.decode(await asyncio.wait_for(ws.recv(), max(0.1, deadline - loop.time())))
+        if isinstance(body, kind):
+            return body
+
+
 async def close_code(ws: ClientConnection, timeout: float = 10) -> int | None:
     """Read until the server closes; return its close code."""
     try:

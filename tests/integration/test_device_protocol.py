@@ -11,7 +11,7 @@ import pytest
 
 from corral import protocol as p
 from tests.conftest import ServerProc
-from tests.integration.rawdevice import Key, challenge, close_code, codec, connect_device, open_ws
+from tests.integration.rawdevice import Key, challenge, close_code, codec, connect_device, open_ws, recv_type
 
 
 def snapshot(server: ServerProc) -> tuple:
@@ -171,7 +171,7 @@ def test_malformed_and_oversized_frames_after_welcome(shared_server: ServerProc)
     async def ok() -> bool:
         ws, _ = await connect_device(shared_server.ws_url, key)
         await ws.send(codec.encode(p.Heartbeat(seq=7)))
-        _, ack = codec.expect(await asyncio.wait_for(ws.recv(), 5), p.HeartbeatAck)
+        ack = await recv_type(ws, p.HeartbeatAck, 5)
         await ws.close()
         return ack.seq == 7
 

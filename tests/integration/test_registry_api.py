@@ -32,11 +32,7 @@ def audit_head(server: ServerProc) -> int:
 
 
 def make_user(server: ServerProc, name: str, role: str) -> str:
-    r = server.api("POST", "/users", json={"name": name, "role": role, "password": "correct horse battery"})
-    assert r.status_code == 201, r.text
-    r = server.api("POST", "/auth/login", json={"user": name, "password": "correct horse battery"}, token="-")
-    assert r.status_code == 200, r.text
-    return str(r.json()["token"])
+    return server.make_user(name, role)
 
 
 def test_roles_and_errors(any_server: ServerProc) -> None:

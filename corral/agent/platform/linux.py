@@ -1,4 +1,6 @@
-"""The real platform: inventory from /etc/os-release, psutil and the kernel; reboot via a command."""
+"""The real platform: inventory from /etc/os-release, psutil and the kernel; reboot via a command;
+system metrics (:class:`~corral.agent.telemetry.collectors.SystemCollector`), the process list and
+SIGKILL for the monitoring and enforcement rules."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import logging
 import os
 import platform as pyplatform
 import shlex
+import signal
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +20,8 @@ import psutil
 
 import corral
 from corral import protocol
+from corral.agent.platform.base import ProcessInfo, refuse_kill
+from corral.agent.telemetry.collectors import SystemCollector
 
 log = logging.getLogger("corral.agent.platform")
 
@@ -26,6 +31,8 @@ MODEL_FILES = (
     Path("/sys/firmware/devicetree/base/model"),
     Path("/sys/class/dmi/id/product_name"),  # x86
 )
+PROCESS_ATTRS = ["pid", "exe", "name", "username", "create_time"]
+CREATE_TIME_TOLERANCE = 1.0  # seconds
 
 
 def parse_os_release(text: str) -> dict[str, str]:
@@ -99,6 +106,8 @@ class LinuxPlatform:
         self.reboot_command = tuple(reboot_command)
         #: how long reboot() waits for the system to go down before giving up and returning
         self.reboot_grace = reboot_grace
+        # made now so that the first metrics() call already has a CPU interval to report
+        self._collector = SystemCollector()
 
     def inventory(self) -> protocol.Inventory:
         rel = read_os_release()
@@ -148,3 +157,75 @@ class LinuxPlatform:
         # return so that the agent reconnects rather than staying silent forever.
         await asyncio.sleep(self.reboot_grace)
         log.error("the system did not reboot within %.0f s; reconnecting", self.reboot_grace)
+
+    def metrics(self) -> dict[str, float]:
+        return self._collector.collect()
+
+    def processes(self) -> list[ProcessInfo]:
+        out: list[ProcessInfo] = []
+        # ad_value: a field we may not read (another user's exe) comes back None instead of raising
+        for proc in psutil.process_iter(PROCESS_ATTRS, ad_value=None):
+            try:
+                info = proc.info
+                out.append(
+                    ProcessInfo(
+                        pid=int(info["pid"]),
+                        exe=info.get("exe") or "",
+                        name=info.get("name") or "",
+                        username=info.get("username") or "",
+                        create_time=float(info.get("create_time") or 0.0),
+                    )
+                )
+            except (psutil.Error, KeyError, TypeError, ValueError):
+                continue  # it exited while we looked, or psutil could not make sense of it
+        return out
+
+    def kill(self, pid: int, create_time: float | None = None) -> bool:
+        refuse_kill(pid, os.getpid())
+        # A pidfd pins the process: once the create_time check below passes, the signal cannot
+        # hit another process that took over the PID in between. Without pidfds (kernel < 5.3),
+        # the check still narrows that window to microseconds.
+        try:
+            pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        except (AttributeError, OSError):
+            pidfd = None
+        try:
+            if create_time is not None and not same_process(pid, create_time):
+                return False
+            try:
+                if pidfd is not None:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return False
+            return True
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def protected(self) -> tuple[str, str | None, frozenset[int]]:
+        pids = {1, os.getpid()}
+        me = psutil.Process()
+        try:
+            agent_exe = me.exe()
+        except psutil.Error:
+            agent_exe = ""
+        with contextlib.suppress(psutil.Error):
+            pids.update(p.pid for p in me.parents())
+        try:
+            pid1_exe: str | None = psutil.Process(1).exe() or None
+        except psutil.Error:
+            pid1_exe = None  # not ours to inspect (no privileges, some containers)
+        return agent_exe, pid1_exe, frozenset(pids)
+
+
+def same_process(pid: int, create_time: float) -> bool:
+    """Whether ``pid`` is still the process that started at ``create_time``. The tolerance covers
+    psutil's wall-clock conversion (boot time in whole seconds); PIDs are not reused that fast."""
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) < CREATE_TIME_TOLERANCE
+    except psutil.Error:
+        return False

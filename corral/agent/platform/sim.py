@@ -1,11 +1,17 @@
-"""A simulated device for ``corral sim``: deterministic inventory, simulated reboot.
+"""A simulated device for ``corral sim``: deterministic inventory and metrics, simulated reboot and processes.
 
 Each device's inventory is derived from ``(seed, index)`` only, so re-running the simulator with
 the same seed reports the same fleet (hostnames ``sim-0000``, ``sim-0001``, ..., a model from
 the given list, an OS version, memory and disk sizes). A reboot waits a few seconds (the
 "boot") and updates the boot time; the agent closes and re-opens its connection around it as it
-would on real hardware. Objects are small (``__slots__``, shared strings): the simulator runs
-tens of thousands of them in one process.
+would on real hardware. Objects are small (``__slots__``, shared strings, the metric curves and
+process table made on first use): the simulator runs tens of thousands of them in one process.
+
+Metrics come from :mod:`corral.agent.telemetry.simmetrics`, keyed by ``(seed, index)``, with
+the device's own memory and disk sizes and boot time; set :attr:`SimPlatform.metrics_profile` to
+shift them (a benchmark simulating a regression). The process table starts with a few system
+processes and the agent; :meth:`SimPlatform.spawn` adds one (an "untrusted" process for the
+allow-list rule to find), :meth:`SimPlatform.kill` removes it, and a reboot starts it afresh.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 
 import corral
 from corral import protocol
+from corral.agent.platform.base import ProcessInfo, refuse_kill
+from corral.agent.telemetry.simmetrics import DEFAULT_PROFILE, SimMetricSource, SimProfile
 
 GIB = 1024**3
 
@@ -46,17 +54,37 @@ def sim_hostname(index: int) -> str:
     return f"sim-{index:04d}"
 
 
+#: the simulated agent's own PID (never killed) and executable
+SIM_AGENT_PID = 611
+SIM_AGENT_EXE = "/usr/bin/python3"
+#: (pid, exe, name, username, seconds after boot) of the processes every simulated device starts with
+BASE_PROCESSES: tuple[tuple[int, str, str, str, float], ...] = (
+    (1, "/sbin/init", "systemd", "root", 0.0),
+    (2, "", "kthreadd", "root", 0.0),
+    (212, "/lib/systemd/systemd-journald", "systemd-journal", "root", 1.5),
+    (498, "/usr/sbin/sshd", "sshd", "root", 3.0),
+    (SIM_AGENT_PID, SIM_AGENT_EXE, "corral", "root", 4.0),
+    (733, "/opt/app/bin/app", "app", "app", 5.0),
+)
+FIRST_SPAWNED_PID = 1000
+
+
 class SimPlatform:
     """One simulated device."""
 
     __slots__ = (
         "_boot_delay",
+        "_metrics",
+        "_next_pid",
+        "_procs",
         "_rng",
+        "_seed",
         "boot_time",
         "disk_free",
         "disk_total",
         "index",
         "memory",
+        "metrics_profile",
         "model",
         "os_version",
         "reboots",
@@ -70,6 +98,7 @@ class SimPlatform:
         *,
         boot_delay: tuple[float, float] = (2.0, 5.0),
         rng: random.Random | None = None,
+        metrics_profile: SimProfile = DEFAULT_PROFILE,
     ) -> None:
         if not models:
             raise ValueError("at least one model is needed")
@@ -87,6 +116,12 @@ class SimPlatform:
         self._boot_delay = boot_delay
         # shared by all simulated devices when the simulator passes one in (no per-device state)
         self._rng = rng if rng is not None else draw
+        #: the baselines of this device's metrics; replace it to simulate a change in behaviour
+        self.metrics_profile = metrics_profile
+        self._metrics: SimMetricSource | None = None
+        self._procs: dict[int, ProcessInfo] | None = None
+        self._next_pid = FIRST_SPAWNED_PID
+        self._seed = seed
 
     @property
     def hostname(self) -> str:
@@ -118,3 +153,51 @@ class SimPlatform:
         await asyncio.sleep(self._rng.uniform(lo, hi) if hi > 0 else 0)
         self.boot_time = time.time()
         self.reboots += 1
+        self._procs = None  # what ran before the reboot is gone
+        self._next_pid = FIRST_SPAWNED_PID
+
+    # -- monitoring ---------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        if self._metrics is None:
+            self._metrics = SimMetricSource(f"{self._seed}:{self.index}")
+        return self._metrics.sample(
+            time.time(),
+            self.metrics_profile,
+            memory_bytes=self.memory,
+            disk_bytes=self.disk_total,
+            disk_used=1.0 - self.disk_free / self.disk_total if self.disk_total else None,
+            boot_time=self.boot_time,
+        )
+
+    def _table(self) -> dict[int, ProcessInfo]:
+        if self._procs is None:
+            self._procs = {
+                pid: ProcessInfo(pid=pid, exe=exe, name=name, username=user, create_time=self.boot_time + after)
+                for pid, exe, name, user, after in BASE_PROCESSES
+            }
+        return self._procs
+
+    def processes(self) -> list[ProcessInfo]:
+        return list(self._table().values())
+
+    def spawn(self, exe: str, name: str = "", username: str = "root") -> int:
+        """Start a simulated process; returns its PID."""
+        pid = self._next_pid
+        self._next_pid += 1
+        self._table()[pid] = ProcessInfo(
+            pid=pid, exe=exe, name=name or exe.rsplit("/", 1)[-1], username=username, create_time=time.time()
+        )
+        return pid
+
+    def kill(self, pid: int, create_time: float | None = None) -> bool:
+        refuse_kill(pid, SIM_AGENT_PID)
+        table = self._table()
+        proc = table.get(pid)
+        if proc is None or (create_time is not None and proc.create_time != create_time):
+            return False
+        del table[pid]
+        return True
+
+    def protected(self) -> tuple[str, str | None, frozenset[int]]:
+        return SIM_AGENT_EXE, "/sbin/init", frozenset({1, SIM_AGENT_PID})

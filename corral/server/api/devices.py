@@ -155,6 +155,7 @@ async def change_tags(device_id: str, body: TagChange, ctx: Ctx, who: Operator, 
         await registry.remove_tags(db, dev.id, body.remove)
         dev.updated_at = time.time()
         await ctx.audit(db, who, "device.tag", dev.id, {"set": tags, "remove": body.remove}, rid(request))
+    await ctx.bus.publish(f"device.{device_id}.rules", b"")  # its tags may change which rules it gets
     async with ctx.reader() as db:
         return (await device_views(db, [await registry.get_device(db, device_id)]))[0]
 

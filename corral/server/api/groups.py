@@ -119,6 +119,8 @@ async def add_members(name: str, body: MembersIn, ctx: Ctx, who: Operator, reque
             raise registry.missing_devices(missing)
         added = await registry.add_members(db, name, ids)
         await ctx.audit(db, who, "group.add", name, {"devices": ids, "added": added}, rid(request))
+    for d in ids:  # membership may change which on-device rules they get
+        await ctx.bus.publish(f"device.{d}.rules", b"")
     async with ctx.reader() as db:
         return await group_view(db, await registry.get_group(db, name))
 
@@ -135,6 +137,7 @@ async def remove_member(name: str, device_id: str, ctx: Ctx, who: Operator, requ
         if not res.rowcount:  # type: ignore[attr-defined]
             raise NotFound(f"device {device_id!r} is not in group {name!r}")
         await ctx.audit(db, who, "group.remove", name, {"device": device_id}, rid(request))
+    await ctx.bus.publish(f"device.{device_id}.rules", b"")
     async with ctx.reader() as db:
         return await group_view(db, await registry.get_group(db, name))
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Double,
     ForeignKey,
@@ -174,3 +175,213 @@ class DeviceCommand(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str] = mapped_column(String(64))
+
+
+# --- monitoring (DESIGN §6) ---------------------------------------------------------------------
+#
+# Time series are stored the way a TSDB does it, in plain tables: a *series* is one metric of
+# one device (a small integer id), and a point is (series, ts, value) with ts in epoch
+# milliseconds. The point tables are clustered by (series, ts) -- WITHOUT ROWID on SQLite -- so
+# a device's metric over a time range is one index range, and retention deletes per series.
+
+_NO_ROWID = {"sqlite_with_rowid": False}
+
+
+class MetricName(Base):
+    __tablename__ = "metric_names"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(32), ForeignKey("devices.id", ondelete="CASCADE"))
+    metric_id: Mapped[int] = mapped_column(Integer, ForeignKey("metric_names.id", ondelete="CASCADE"), index=True)
+
+    __table_args__ = (Index("ix_series_device_metric", "device_id", "metric_id", unique=True),)
+
+
+class Point(Base):
+    """A raw point. No foreign key: retention and device deletion clean up by series."""
+
+    __tablename__ = "points"
+
+    series_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    ts: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    value: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (_NO_ROWID,)
+
+
+class _Rollup:
+    """count/sum/min/max of a series over one bucket (``bucket`` = its start, epoch ms)."""
+
+    series_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    count: Mapped[int] = mapped_column(Integer)
+    sum: Mapped[float] = mapped_column(Double)
+    min: Mapped[float] = mapped_column(Double)
+    max: Mapped[float] = mapped_column(Double)
+
+
+class Rollup1m(_Rollup, Base):
+    __tablename__ = "rollup_1m"
+    __table_args__ = (_NO_ROWID,)
+
+
+class Rollup1h(_Rollup, Base):
+    __tablename__ = "rollup_1h"
+    __table_args__ = (_NO_ROWID,)
+
+
+class TelemetryBatch(Base):
+    """Receipt of one telemetry batch: the idempotency key (device, seq), and the time range it
+    touched, which tells the rollup job which buckets to (re)compute -- late backfill included."""
+
+    __tablename__ = "telemetry_batches"
+
+    device_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    received_at: Mapped[float] = mapped_column(Double, index=True)
+    min_ts: Mapped[int | None] = mapped_column(BigInteger)
+    max_ts: Mapped[int | None] = mapped_column(BigInteger)
+    points: Mapped[int] = mapped_column(Integer, default=0)
+    events: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DeviceTelemetry(Base):
+    """Per-device telemetry facts that change rarely (the spool's drop counter)."""
+
+    __tablename__ = "device_telemetry"
+
+    device_id: Mapped[str] = mapped_column(String(32), ForeignKey("devices.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    dropped: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class DeviceEvent(Base):
+    __tablename__ = "device_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(32), ForeignKey("devices.id", ondelete="CASCADE"))
+    ts: Mapped[int] = mapped_column(BigInteger, index=True)
+    severity: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    attrs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    received_at: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_device_events_device_ts", "device_id", "ts"),)
+
+
+class DeviceRule(Base):
+    """An on-device rule and the devices it goes to (``selector``); see ``protocol.RuleSpec``."""
+
+    __tablename__ = "device_rules"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # threshold | allowlist
+    selector: Mapped[str] = mapped_column(Text, default="")
+    expr: Mapped[str] = mapped_column(Text, default="")
+    for_s: Mapped[float] = mapped_column(Double, default=0.0)
+    severity: Mapped[str] = mapped_column(String(16), default="warning")
+    mode: Mapped[str] = mapped_column(String(16), default="report")
+    allow: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    scope: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    created_by: Mapped[str] = mapped_column(String(64))
+
+
+class DeviceRuleStatus(Base):
+    """Which rule-set version a device has confirmed, and the rules it refused."""
+
+    __tablename__ = "device_rule_status"
+
+    device_id: Mapped[str] = mapped_column(String(32), ForeignKey("devices.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    version: Mapped[str] = mapped_column(String(64))
+    refused: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    acked_at: Mapped[float] = mapped_column(Double)
+
+
+class Alert(Base):
+    """A server-side alert rule. ``kind``: ``threshold`` (an aggregate expression over the
+    devices ``selector`` picks, optionally per value of tag ``by_tag``), ``offline`` (a device
+    offline longer than ``for_s``), ``event_rate`` (events at or above a severity in a window)."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    selector: Mapped[str] = mapped_column(Text, default="")
+    expr: Mapped[str] = mapped_column(Text, default="")
+    by_tag: Mapped[str | None] = mapped_column(String(64))
+    for_s: Mapped[float] = mapped_column(Double, default=0.0)
+    window_s: Mapped[float] = mapped_column(Double, default=300.0)
+    severity: Mapped[str] = mapped_column(String(16), default="warning")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    created_by: Mapped[str] = mapped_column(String(64))
+
+
+class AlertInstance(Base):
+    """The state of one alert for one ``key`` (``""``, a tag value, or a device id)."""
+
+    __tablename__ = "alert_instances"
+
+    alert_id: Mapped[str] = mapped_column(String(16), ForeignKey("alerts.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # inactive | pending | firing
+    since: Mapped[float] = mapped_column(Double)
+    value: Mapped[float | None] = mapped_column(Double)
+    fired_at: Mapped[float | None] = mapped_column(Double)
+    resolved_at: Mapped[float | None] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class Webhook(Base):
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[Any]] = mapped_column(JSON, default=list)  # event-type globs
+    secret: Mapped[str] = mapped_column(String(128))  # whsec_<base64>
+    description: Mapped[str] = mapped_column(Text, default="")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    created_by: Mapped[str] = mapped_column(String(64))
+
+
+class WebhookDelivery(Base):
+    """One message to one webhook and its delivery attempts (the delivery log)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the webhook-id header: msg_...
+    webhook_id: Mapped[str] = mapped_column(String(16), ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float | None] = mapped_column(Double)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Double)
+    delivered_at: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_webhook", "webhook_id", "created_at"),
+    )

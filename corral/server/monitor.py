@@ -1,0 +1,72 @@
+"""The server's periodic monitoring jobs: rollups, retention, alert evaluation.
+
+Each job is a loop with its own period (``ServerConfig.monitoring``) that survives its own
+failures (logged, retried next period). With several replicas every replica runs the loops;
+the jobs themselves make that safe (the rollup takes an advisory lock on PostgreSQL, retention
+deletes are idempotent, alert state changes are conditional updates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from corral.server.context import ServerContext
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self._tasks: list[asyncio.Task[None]] = []
+        self.rollups = 0
+
+    def start(self) -> None:
+        m = self.ctx.config.monitoring
+        self._tasks = [
+            asyncio.create_task(self._every(m.rollup_interval, self.rollup_once, "rollup"), name="corral-rollup"),
+            asyncio.create_task(self._every(m.prune_interval, self.prune_once, "retention"), name="corral-prune"),
+            asyncio.create_task(self._every(m.alert_interval, self.alerts_once, "alerts"), name="corral-alerts"),
+        ]
+
+    def add_job(self, period: float, job: Callable[[], Awaitable[object]], what: str) -> None:
+        self._tasks.append(asyncio.create_task(self._every(period, job, what), name=f"corral-{what}"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _every(self, period: float, job: Callable[[], Awaitable[object]], what: str) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s job failed", what)
+
+    async def rollup_once(self) -> dict[str, int]:
+        async with self.ctx.writer() as db:
+            stats = await self.ctx.tsdb.rollup(db, time.time())
+        self.rollups += 1
+        if stats.get("late_devices"):
+            log.info("rollup: %s", stats)
+        return stats
+
+    async def alerts_once(self) -> dict[str, list[tuple[str, str]]]:
+        from corral.server.alerts import evaluate_all
+
+        return await evaluate_all(self.ctx)
+
+    async def prune_once(self) -> dict[str, int]:
+        async with self.ctx.writer() as db:
+            out = await self.ctx.tsdb.prune(db, time.time(), self.ctx.config.monitoring.retention)
+        if any(out.values()):
+            log.info("retention: deleted %s", out)
+        return out

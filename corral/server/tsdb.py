@@ -1,0 +1,296 @@
+"""Time-series storage in the relational database: ingestion, rollups and retention (DESIGN §6).
+
+Layout (``store/models.py``): a *series* is one metric of one device, named by a small integer;
+raw points are ``(series_id, ts_ms, value)`` clustered by (series, ts); ``rollup_1m`` and
+``rollup_1h`` hold count/sum/min/max per series and bucket. Every batch leaves a *receipt*
+``(device, seq)`` -- the idempotency key of at-least-once telemetry -- which also records the
+time range the batch touched.
+
+Ingestion (:meth:`TimeSeriesStore.ingest`) runs inside a group-committed write transaction:
+receipt first (``ON CONFLICT DO NOTHING``; no row inserted means a duplicate, so nothing else is
+written), then the points with one ``executemany`` through the driver (SQLAlchemy's per-row
+overhead would cost more than SQLite's insert), then events. Series ids are cached per process
+and only after the transaction that created them committed.
+
+Rollups (:meth:`TimeSeriesStore.rollup`, a periodic job): receipts that arrived since the last
+run name the devices and the time ranges to (re)compute, so late data (a device back after a
+day offline) lands in the right buckets. Devices with recent data are done in one statement;
+devices that backfilled older ranges one by one. A 1-minute bucket is recomputed from raw
+points, an hour bucket from 1-minute rollups once the hour is complete (or again when late data
+touches it). Watermarks live in ``meta`` and move in the same transaction as the rollups they
+describe, so a crash repeats a run instead of skipping one. Queries read the rollups up to the
+watermarks and raw points after them (``metrics_query``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import bindparam, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from corral.core.ingest import CleanBatch
+from corral.server.config import Retention
+from corral.server.store.models import Meta
+
+log = logging.getLogger(__name__)
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+
+WM_RECEIVED = "rollup.received_at"  # receipts up to this received_at are rolled up
+WM_1M = "rollup.1m_complete_ms"  # 1-minute buckets before this are complete
+WM_1H = "rollup.1h_complete_ms"  # hour buckets before this are complete
+
+
+def driver_sql(sql: str, postgres: bool) -> str:
+    """``?`` placeholders in the driver's paramstyle (asyncpg numbers them)."""
+    if not postgres:
+        return sql
+    parts = sql.split("?")
+    return "".join(p + (f"${i}" if i < len(parts) else "") for i, p in enumerate(parts, 1))
+
+
+class SeriesLimitExceeded(Exception):
+    pass
+
+
+@dataclass
+class NewIds:
+    """Ids created by a transaction, cached once it commits."""
+
+    metrics: dict[str, int] = field(default_factory=dict)
+    series: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class TimeSeriesStore:
+    """One per server process. Holds the id caches; the tables hold everything else."""
+
+    def __init__(self, postgres: bool, max_series_per_device: int = 2000) -> None:
+        self.postgres = postgres
+        self.max_series_per_device = max_series_per_device
+        self._metric_ids: dict[str, int] = {}
+        self._series_ids: dict[tuple[str, str], int] = {}
+
+        def q(sql: str) -> str:
+            return driver_sql(sql, postgres)
+
+        self._sql_receipt = q(
+            "INSERT INTO telemetry_batches (device_id, seq, received_at, min_ts, max_ts, points, events, rejected)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING")
+        self._sql_points = q("INSERT INTO points (series_id, ts, value) VALUES (?, ?, ?)"
+                             " ON CONFLICT (series_id, ts) DO NOTHING")
+        self._sql_event = q(
+            "INSERT INTO device_events (device_id, ts, severity, source, message, attrs, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)")
+        self._sql_metric = q("INSERT INTO metric_names (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
+        self._sql_series = q("INSERT INTO series (device_id, metric_id) VALUES (?, ?)"
+                             " ON CONFLICT (device_id, metric_id) DO NOTHING")
+        self._sql_dropped = q(
+            "INSERT INTO device_telemetry (device_id, dropped, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (device_id) DO UPDATE SET dropped = excluded.dropped, updated_at = excluded.updated_at")
+        #: ingestion counters (Prometheus reads them)
+        self.points_total = 0
+        self.batches_total = 0
+        self.duplicates_total = 0
+        self.rejected_total = 0
+
+    # --- ingestion -------------------------------------------------------------------------
+
+    async def ingest(self, db: AsyncSession, device_id: str, seq: int, batch: CleanBatch,
+                     dropped: int | None, now: float) -> tuple[bool, NewIds]:
+        """Store one cleaned batch. Returns (stored, ids created) -- ``stored`` is False for a
+        duplicate. The caller passes the new ids to :meth:`remember` after the commit: an id
+        cached before its transaction committed would outlive a rollback."""
+        conn = await db.connection()
+        res = await conn.exec_driver_sql(self._sql_receipt, (
+            device_id, seq, now, batch.min_ts, batch.max_ts, len(batch.points), len(batch.events), batch.rejected))
+        new = NewIds()
+        if not res.rowcount:
+            return False, new
+        if batch.points:
+            names = {name for name, _, _ in batch.points}
+            ids = await self._series_for(conn, device_id, names, new)
+            await conn.exec_driver_sql(self._sql_points, [(ids[n], ts, v) for n, ts, v in batch.points])
+        if batch.events:
+            await conn.exec_driver_sql(self._sql_event, [
+                (device_id, e.ts, e.severity, e.source, e.message, json.dumps(e.attrs), now) for e in batch.events])
+        if dropped is not None:
+            await conn.exec_driver_sql(self._sql_dropped, (device_id, dropped, now))
+        return True, new
+
+    def remember(self, new: NewIds) -> None:
+        self._metric_ids.update(new.metrics)
+        self._series_ids.update(new.series)
+
+    def forget_device(self, device_id: str) -> None:
+        for k in [k for k in self._series_ids if k[0] == device_id]:
+            del self._series_ids[k]
+
+    async def _series_for(self, conn: AsyncConnection, device_id: str, names: Iterable[str],
+                          new: NewIds) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        missing: list[str] = []
+        for n in names:
+            sid = self._series_ids.get((device_id, n))
+            if sid is None:
+                missing.append(n)
+            else:
+                ids[n] = sid
+        if not missing:
+            return ids
+        metric_ids = await self._metric_ids_for(conn, missing, new)
+        rows = (await conn.execute(
+            text("SELECT id, metric_id FROM series WHERE device_id = :d"), {"d": device_id})).all()
+        by_metric = {m: i for i, m in rows}
+        absent = [metric_ids[n] for n in missing if metric_ids[n] not in by_metric]
+        if absent:
+            if len(by_metric) + len(absent) > self.max_series_per_device:
+                raise SeriesLimitExceeded(
+                    f"device would have more than {self.max_series_per_device} metrics")
+            await conn.exec_driver_sql(self._sql_series, [(device_id, m) for m in absent])
+            rows = (await conn.execute(
+                text("SELECT id, metric_id FROM series WHERE device_id = :d"), {"d": device_id})).all()
+            by_metric = {m: i for i, m in rows}
+        for n in missing:
+            ids[n] = new.series[(device_id, n)] = by_metric[metric_ids[n]]
+        return ids
+
+    async def _metric_ids_for(self, conn: AsyncConnection, names: list[str], new: NewIds) -> dict[str, int]:
+        ids = {n: self._metric_ids[n] for n in names if n in self._metric_ids}
+        unknown = [n for n in names if n not in ids]
+        if unknown:
+            await conn.exec_driver_sql(self._sql_metric, [(n,) for n in unknown])
+            stmt = text("SELECT id, name FROM metric_names WHERE name IN :names").bindparams(
+                bindparam("names", expanding=True))
+            for i, n in (await conn.execute(stmt, {"names": unknown})).all():
+                ids[n] = new.metrics[n] = i
+        return ids
+
+    # --- rollups -----------------------------------------------------------------------------
+
+    async def rollup(self, db: AsyncSession, now: float, settle_s: float = 2.0,
+                     recent_ms: int = 10 * MINUTE_MS) -> dict[str, int]:
+        """One rollup run in the caller's write transaction. Returns counts for logs and tests."""
+        conn = await db.connection()
+        if self.postgres:
+            got = await conn.scalar(text("SELECT pg_try_advisory_xact_lock(hashtext('corral.rollup'))"))
+            if not got:  # another replica is on it
+                return {"skipped": 1}
+        wm = await _meta_float(db, WM_RECEIVED, 0.0)
+        cutoff = now - settle_s
+        if cutoff <= wm:
+            return {}
+        now_ms = int(now * 1000)
+        recent_from = now_ms - recent_ms
+        ranges = (await conn.execute(text(
+            "SELECT device_id, min(min_ts), max(max_ts) FROM telemetry_batches"
+            " WHERE received_at > :wm AND received_at <= :cut AND min_ts IS NOT NULL GROUP BY device_id"),
+            {"wm": wm, "cut": cutoff})).all()
+        stats = {"devices": len(ranges), "late_devices": 0}
+        recent = [(d, lo, hi) for d, lo, hi in ranges if lo >= recent_from]
+        late = [(d, lo, hi) for d, lo, hi in ranges if lo < recent_from]
+        c1h = int(await _meta_float(db, WM_1H, 0.0))
+        if recent:
+            lo = _floor(min(r[1] for r in recent), MINUTE_MS)
+            hi = _floor(max(r[2] for r in recent), MINUTE_MS) + MINUTE_MS
+            devices_sql = ("SELECT device_id FROM telemetry_batches WHERE received_at > :wm AND received_at <= :cut"
+                           " AND min_ts >= :recent")
+            params = {"wm": wm, "cut": cutoff, "recent": recent_from}
+            await self._rollup_1m(conn, devices_sql, params, lo, hi)
+            if lo < c1h:  # a recent batch reached into a completed hour
+                await self._rollup_1h(conn, devices_sql, params, _floor(lo, HOUR_MS), c1h)
+        for d, lo, hi in late:
+            stats["late_devices"] += 1
+            lo, hi = _floor(lo, MINUTE_MS), _floor(hi, MINUTE_MS) + MINUTE_MS
+            await self._rollup_1m(conn, "SELECT :dev", {"dev": d}, lo, hi)
+            if lo < c1h:
+                await self._rollup_1h(conn, "SELECT :dev", {"dev": d}, _floor(lo, HOUR_MS),
+                                      min(c1h, _floor(hi, HOUR_MS) + HOUR_MS))
+        # Completeness: a minute is complete once a whole minute has passed after it (devices
+        # report every few seconds); an hour once all its minutes are.
+        c1m = _floor(int(cutoff * 1000), MINUTE_MS) - MINUTE_MS
+        new_c1h = _floor(c1m, HOUR_MS)
+        if new_c1h > c1h:
+            first = c1h if c1h else new_c1h - HOUR_MS
+            await self._rollup_1h(conn, "SELECT id FROM devices", {}, first, new_c1h, by_device=False)
+            stats["hours"] = (new_c1h - first) // HOUR_MS
+        await _meta_set(db, WM_RECEIVED, repr(cutoff))
+        await _meta_set(db, WM_1M, str(c1m))
+        await _meta_set(db, WM_1H, str(max(new_c1h, c1h)))
+        return stats
+
+    async def _rollup_1m(self, conn: AsyncConnection, devices_sql: str, params: dict[str, Any],
+                         lo: int, hi: int) -> None:
+        await conn.execute(text(
+            "INSERT INTO rollup_1m (series_id, bucket, count, sum, min, max)"
+            " SELECT p.series_id, (p.ts / 60000) * 60000 AS b, count(*), sum(p.value), min(p.value), max(p.value)"
+            f" FROM points p WHERE p.series_id IN (SELECT id FROM series WHERE device_id IN ({devices_sql}))"
+            " AND p.ts >= :lo AND p.ts < :hi GROUP BY p.series_id, b"
+            " ON CONFLICT (series_id, bucket) DO UPDATE SET count = excluded.count, sum = excluded.sum,"
+            " min = excluded.min, max = excluded.max"), {**params, "lo": lo, "hi": hi})
+
+    async def _rollup_1h(self, conn: AsyncConnection, devices_sql: str, params: dict[str, Any],
+                         lo: int, hi: int, by_device: bool = True) -> None:
+        if hi <= lo:
+            return
+        series = (f"SELECT id FROM series WHERE device_id IN ({devices_sql})" if by_device
+                  else "SELECT id FROM series")
+        await conn.execute(text(
+            "INSERT INTO rollup_1h (series_id, bucket, count, sum, min, max)"
+            " SELECT r.series_id, (r.bucket / 3600000) * 3600000 AS b, sum(r.count), sum(r.sum), min(r.min),"
+            f" max(r.max) FROM rollup_1m r WHERE r.series_id IN ({series})"
+            " AND r.bucket >= :lo AND r.bucket < :hi GROUP BY r.series_id, b"
+            " ON CONFLICT (series_id, bucket) DO UPDATE SET count = excluded.count, sum = excluded.sum,"
+            " min = excluded.min, max = excluded.max"), {**params, "lo": lo, "hi": hi})
+
+    async def watermarks(self, db: AsyncSession) -> tuple[int, int]:
+        """(1-minute, hour) completeness watermarks in epoch ms."""
+        return int(await _meta_float(db, WM_1M, 0.0)), int(await _meta_float(db, WM_1H, 0.0))
+
+    # --- retention -----------------------------------------------------------------------------
+
+    async def prune(self, db: AsyncSession, now: float, keep: Retention) -> dict[str, int]:
+        """Delete what is older than the retention periods, series by series (each an index range)."""
+        conn = await db.connection()
+        now_ms = int(now * 1000)
+        out: dict[str, int] = {}
+        for table, col, age in (("points", "ts", keep.raw_s), ("rollup_1m", "bucket", keep.rollup_1m_s),
+                                ("rollup_1h", "bucket", keep.rollup_1h_s)):
+            res = await conn.execute(text(
+                f"DELETE FROM {table} WHERE series_id IN (SELECT id FROM series) AND {col} < :cut"),
+                {"cut": now_ms - int(age * 1000)})
+            out[table] = res.rowcount or 0
+        res = await conn.execute(text("DELETE FROM telemetry_batches WHERE received_at < :cut"),
+                                 {"cut": now - keep.raw_s})
+        out["telemetry_batches"] = res.rowcount or 0
+        res = await conn.execute(text("DELETE FROM device_events WHERE ts < :cut"),
+                                 {"cut": now_ms - int(keep.events_s * 1000)})
+        out["device_events"] = res.rowcount or 0
+        return out
+
+
+def _floor(ms: int, unit: int) -> int:
+    return (int(ms) // unit) * unit
+
+
+async def _meta_float(db: AsyncSession, key: str, default: float) -> float:
+    v = await db.scalar(select(Meta.value).where(Meta.key == key))
+    return float(v) if v is not None else default
+
+
+async def _meta_set(db: AsyncSession, key: str, value: str) -> None:
+    row = await db.get(Meta, key)
+    if row is None:
+        db.add(Meta(key=key, value=value))
+    else:
+        row.value = value
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
