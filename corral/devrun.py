@@ -58,6 +58,12 @@ def _demo_setup(url: str, token: str) -> list[str]:
             r.raise_for_status()
             tokens.append(r.json()["token"])
         c.post("/groups", json={"name": "rpi4", "selector": 'attr.model == "rpi4"'})
+        # monitoring: a group alert per site, an offline alert, and a rule every device evaluates
+        c.post("/alerts", json={"name": "site-cpu-high", "kind": "threshold", "by": "tag.site",
+                                "expr": "avg(cpu.percent) > 80 for 5m", "severity": "warning"})
+        c.post("/alerts", json={"name": "device-offline", "kind": "offline", "for": "10m", "severity": "error"})
+        c.post("/rules", json={"name": "cpu-pegged", "kind": "threshold", "expr": "cpu.percent > 95 for 2m",
+                               "severity": "warning"})
     _write_private(path, tokens)
     return tokens
 
@@ -95,6 +101,8 @@ def main() -> None:
             print(f"  admin password: {creds['admin_password']}")
             print(f"  CLI:  corral login --server {url} --user {creds['admin_user']}")
         print(f"  {DEVICES} simulated devices in {', '.join(SITES)}; data in {DATA}/")
+        print("  live metrics: corral metrics query --metric cpu.percent --by tag.site --since 15m")
+        print("  the fleet:    corral overview")
         print("  Ctrl-C stops everything.")
         print("=" * 64 + "\n", flush=True)
         while all(p.poll() is None for p in procs):

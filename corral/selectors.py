@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias, assert_never
 
+from corral.core.glob import glob_match
 from corral.errors import SelectorError
 
 __all__ = [
@@ -693,32 +694,6 @@ def _as_number(value: Any) -> float | None:
         return float(value)
     except OverflowError:  # a JSON integer beyond float range
         return math.inf if value > 0 else -math.inf
-
-
-def glob_match(pattern: str, text: str) -> bool:
-    """Case-sensitive whole-string glob: ``*`` any run (newlines too), ``?`` one character.
-
-    Greedy matching with backtracking to the last ``*`` only: O(len(pattern) * len(text)) in
-    the worst case, unlike a regex translation that can go exponential on ``*a*a*a*b``.
-    """
-    p = t = 0
-    star, mark = -1, 0
-    while t < len(text):
-        if p < len(pattern) and pattern[p] == "*":
-            star, mark = p, t
-            p += 1
-        elif p < len(pattern) and (pattern[p] == "?" or pattern[p] == text[t]):
-            p += 1
-            t += 1
-        elif star >= 0:
-            # Let the last '*' swallow one more character and retry from there.
-            mark += 1
-            p, t = star + 1, mark
-        else:
-            return False
-    while p < len(pattern) and pattern[p] == "*":
-        p += 1
-    return p == len(pattern)
 
 
 def fields_used(node: Node) -> set[str]:

@@ -140,8 +140,10 @@ def setup_logging(level: str = "info") -> None:
     logging.getLogger("corral").setLevel(level.upper())
 
 
-def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
-    """Run ``main(stop)`` on uvloop (when installed) with SIGTERM/SIGINT setting ``stop``."""
+def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], fast_loop: bool = True) -> T:
+    """Run ``main(stop)`` with SIGTERM/SIGINT setting ``stop``, on uvloop when installed and
+    ``fast_loop`` (the simulator's thousands of sockets; one agent's single socket does not
+    need it, and saves the memory)."""
 
     async def wrapper() -> T:
         stop = asyncio.Event()
@@ -156,12 +158,13 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]])
                 loop.remove_signal_handler(sig)
 
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    try:
-        import uvloop
+    if fast_loop:
+        try:
+            import uvloop
 
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        pass
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(wrapper())
 
@@ -187,7 +190,7 @@ def main_agent(
     setup_logging(config.log_level)
     cfg = config
     try:
-        return run_until_signalled(lambda stop: run_agent(cfg, stop=stop))
+        return run_until_signalled(lambda stop: run_agent(cfg, stop=stop), fast_loop=False)
     except Exception:
         log.exception("the agent crashed")
         return EXIT_INTERNAL

@@ -64,8 +64,8 @@ from typing import Final, Literal, Protocol, TypeAlias
 
 from corral import protocol
 from corral.core import expr
+from corral.core.glob import glob_match
 from corral.errors import ExpressionError, InvalidInput
-from corral.selectors import glob_match
 
 __all__ = [
     "MAX_ALLOW_PATTERNS",

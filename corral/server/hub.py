@@ -41,7 +41,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from corral import protocol as p
 from corral.core.admission import Action, decide
 from corral.core.ingest import BatchRefused, clean_batch
-from corral.server import registry, rules_store
+from corral.server import registry, rules_store, webhooks
 from corral.server.context import ServerContext
 from corral.server.store.models import Device, DeviceCommand, Group
 from corral.server.tsdb import NewIds, SeriesLimitExceeded
@@ -341,9 +341,13 @@ class Hub:
         async def write(db: AsyncSession) -> tuple[bool, NewIds]:
             stored, new = await ctx.tsdb.ingest(db, s.device_id, batch.seq, clean, dropped, now)
             if stored:
-                for e in actions:  # what a device did on its own authority goes into the audit log
+                for e in actions:  # what a device did on its own authority: audit log and webhooks
                     await ctx.audit(db, f"device:{s.device_id}", "device.rule_action", s.device_id,
                                     {"message": e.message, **e.attrs})
+                    await webhooks.enqueue(db, "device.rule_action",
+                                           {"device_id": s.device_id, "severity": e.severity,
+                                            "message": e.message, "attrs": dict(e.attrs),
+                                            "at": webhooks.iso_utc(e.ts / 1000)}, now)
             return stored, new
 
         try:
@@ -352,6 +356,8 @@ class Hub:
             await self._send(s, p.TelemetryAck(seq=batch.seq, rejected=len(clean.points), reason=str(e)))
             return
         ctx.tsdb.remember(new)
+        if actions and stored:
+            webhooks.notify(ctx)
         s.dropped = batch.dropped
         ts = ctx.tsdb
         ts.batches_total += 1

@@ -8,6 +8,7 @@ point, and the agent logs (at debug level) each batch right after the spool stor
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import AgentProc, ServerProc, start_agent, start_server, wait_until
+from tests.integration.webhook_receiver import Receiver
 
 INTERVAL = 0.1
 
@@ -218,6 +220,9 @@ def test_allowlist_enforce_kills_an_untrusted_process_and_audits_it(server: Serv
     trusted = subprocess.Popen([str(bindir / "trusted-sleep"), "300"])
     untrusted = subprocess.Popen([str(bindir / "untrusted-sleep"), "300"])
     token = server.create_enrollment_token()
+    receiver = Receiver().start()
+    hook = server.api("POST", "/webhooks", json={"url": receiver.url, "events": ["device.rule_action"]})
+    assert hook.status_code == 201, hook.text
     a = start_agent(server, tmp_path / "dev", token, "--config", str(agent_config(tmp_path)))
     try:
         dev = a.wait_device_id()
@@ -234,8 +239,14 @@ def test_allowlist_enforce_kills_an_untrusted_process_and_audits_it(server: Serv
         assert ev["attrs"]["outcome"] == "killed" and ev["attrs"]["exe"].endswith("untrusted-sleep")
         audit = server.api("GET", "/audit", params={"limit": 20}).json()["items"]
         assert any(e["action"] == "device.rule_action" and e["target"] == dev for e in audit)
+        wait_until(lambda: receiver.requests, 30, what="the rule_action webhook")
+        assert receiver.verified(hook.json()["secret"])
+        msg = json.loads(receiver.requests[0].body)
+        assert msg["type"] == "device.rule_action" and msg["data"]["device_id"] == dev
+        assert msg["data"]["attrs"]["outcome"] == "killed"
     finally:
         a.stop()
+        receiver.stop()
         for p in (trusted, untrusted):
             if p.poll() is None:
                 p.kill()
