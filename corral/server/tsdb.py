@@ -217,7 +217,10 @@ class TimeSeriesStore:
         c1m = _floor(int(cutoff * 1000), MINUTE_MS) - MINUTE_MS
         new_c1h = _floor(c1m, HOUR_MS)
         if new_c1h > c1h:
-            first = c1h if c1h else new_c1h - HOUR_MS
+            first = c1h
+            if not first:  # the first run: every hour since the oldest minute rolled up
+                oldest = await conn.scalar(text("SELECT min(bucket) FROM rollup_1m"))
+                first = _floor(oldest, HOUR_MS) if oldest is not None else new_c1h
             await self._rollup_1h(conn, "SELECT id FROM devices", {}, first, new_c1h, by_device=False)
             stats["hours"] = (new_c1h - first) // HOUR_MS
         await _meta_set(db, WM_RECEIVED, repr(cutoff))

@@ -10,11 +10,12 @@ import time
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from corral import protocol as p
 from tests.conftest import ServerProc, server_on, wait_until
-from tests.integration.rawdevice import Key, codec, connect_device, recv_type
+from tests.integration.rawdevice import Key, close_code, codec, connect_device, recv_type
 
 
 class Device:
@@ -172,3 +173,23 @@ def test_prometheus_metrics_have_no_device_labels(mserver: ServerProc) -> None:
     assert "corral_device_sessions" in text and "corral_telemetry_points_total" in text
     assert 'corral_http_request_duration_seconds_count{method="GET",route="/api/v1/devices",status="2xx"}' in text
     assert "device_id" not in text
+
+
+def test_malformed_telemetry_closes_the_socket_and_stores_nothing(mserver: ServerProc) -> None:
+    s = mserver
+    token = s.create_enrollment_token()
+
+    async def go() -> list[int | None]:
+        codes = []
+        for body in ({"seq": "one"}, {"seq": 1, "series": [["cpu.percent", [1], "not a list"]]},
+                     {"seq": 1, "events": [{"ts": 1, "severity": "apocalyptic", "source": "x", "message": "m"}]}):
+            async with Device(s, token) as d:
+                env = p.Envelope(type="telemetry", body=msgspec.Raw(msgspec.msgpack.encode(body)))
+                await d.ws.send(msgspec.msgpack.encode(env))
+                codes.append(await close_code(d.ws))
+        return codes
+
+    assert asyncio.run(go()) == [p.CloseCode.MALFORMED] * 3
+    assert httpx.get(s.url + "/healthz", timeout=5).status_code == 200
+    assert s.api("GET", "/metrics").json()["items"] == []
+    assert s.api("GET", "/events").json()["items"] == []
