@@ -220,7 +220,7 @@ class RawQueries:
         """A dynamic group's size as ``group_view`` computes it."""
         from sqlalchemy import func, select
 
-        from corral.server.api.groups import members_clause
+        from corral.server.registry import members_clause
         from corral.server.store.models import Device, Group
 
         stmt = select(func.count()).select_from(Device).where(members_clause(Group(name="g", selector=selector)))

@@ -32,6 +32,8 @@ from sqlalchemy import and_, func, literal, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.core import alerting, expr
+from corral.core.aggregate import percentile
+from corral.errors import InvalidInput
 from corral.protocol import SEVERITIES
 from corral.selectors import parse
 from corral.server import webhooks
@@ -59,8 +61,6 @@ def parse_threshold(text_: str) -> expr.Condition:
     cond = expr.parse_condition(text_, functions=expr.AGGREGATES)
     if expr.metrics_used(cond.node):
         bare = sorted(expr.metrics_used(cond.node))[0]
-        from corral.errors import InvalidInput
-
         raise InvalidInput(f"use an aggregate over the devices, e.g. avg({bare}), not the bare metric {bare}")
     return cond
 
@@ -98,8 +98,6 @@ async def _aggregates(db: AsyncSession, alert: Alert, calls: frozenset[tuple[str
             values: dict[str, list[float]] = {}
             for k, v in rows:
                 values.setdefault(k or "", []).append(v)
-            from corral.core.aggregate import percentile
-
             for k, vs in values.items():
                 out.setdefault(k, {})[(fn, metric)] = percentile(vs, 0.95)
             continue

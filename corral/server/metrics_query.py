@@ -61,9 +61,7 @@ async def device_scope(db: AsyncSession, q: MetricQuery) -> ColumnElement[bool] 
     if q.selector is not None:
         return to_sql(parse(q.selector))
     if q.group is not None:
-        from corral.server.api.groups import members_clause
-
-        return members_clause(await registry.get_group(db, q.group))  # type: ignore[no-any-return]
+        return registry.members_clause(await registry.get_group(db, q.group))  # type: ignore[no-any-return]
     return None
 
 

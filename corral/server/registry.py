@@ -14,9 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.core.admission import TokenVerdict
 from corral.errors import InvalidInput, NotFound
+from corral.selectors import parse
 from corral.server.auth import token_digest
 from corral.server.config import Limits
 from corral.server.store.models import Device, DeviceTag, EnrollmentToken, Group, GroupMember
+from corral.server.store.selector_sql import to_sql
 
 TAG_KEY = re.compile(r"[A-Za-z0-9_-]+")
 GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -130,6 +132,13 @@ async def get_device(db: AsyncSession, device_id: str) -> Device:
     if dev is None:
         raise NotFound(f"no device {device_id!r}")
     return dev
+
+
+def members_clause(g: Group) -> Any:
+    """A condition on ``devices`` that selects the group's members (static or dynamic)."""
+    if g.selector is not None:
+        return to_sql(parse(g.selector))
+    return Device.id.in_(select(GroupMember.device_id).where(GroupMember.group_name == g.name))
 
 
 async def get_group(db: AsyncSession, name: str) -> Group:

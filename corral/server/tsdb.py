@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -294,6 +293,3 @@ async def _meta_set(db: AsyncSession, key: str, value: str) -> None:
     else:
         row.value = value
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

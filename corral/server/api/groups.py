@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
@@ -17,7 +17,6 @@ from corral.server.api.deps import Ctx, Operator, Paging, Viewer, encode_cursor,
 from corral.server.api.devices import page_of_devices
 from corral.server.api.views import DevicePage, iso
 from corral.server.store.models import Device, Group, GroupMember
-from corral.server.store.selector_sql import to_sql
 
 router = APIRouter(tags=["groups"])
 
@@ -46,14 +45,8 @@ class MembersIn(BaseModel):
     device_ids: list[str] = Field(min_length=1, max_length=10000)
 
 
-def members_clause(g: Group) -> Any:
-    if g.selector is not None:
-        return to_sql(parse(g.selector))
-    return Device.id.in_(select(GroupMember.device_id).where(GroupMember.group_name == g.name))
-
-
 async def group_view(db: AsyncSession, g: Group) -> GroupOut:
-    size = await db.scalar(select(func.count()).select_from(Device).where(members_clause(g)))
+    size = await db.scalar(select(func.count()).select_from(Device).where(registry.members_clause(g)))
     return GroupOut(name=g.name, kind="dynamic" if g.selector is not None else "static", selector=g.selector,
                     description=g.description, created_at=iso(g.created_at), size=size or 0)
 
@@ -103,7 +96,7 @@ async def group_devices(name: str, ctx: Ctx, _: Viewer, paging: Paging,
                         sort: Annotated[str, Query()] = "id") -> DevicePage:
     async with ctx.reader() as db:
         g = await registry.get_group(db, name)
-        return await page_of_devices(db, select(Device).where(members_clause(g)), sort, paging)
+        return await page_of_devices(db, select(Device).where(registry.members_clause(g)), sort, paging)
 
 
 @router.post("/groups/{name}/members", response_model=GroupOut, summary="Add devices to a static group")

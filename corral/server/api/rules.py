@@ -16,9 +16,11 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from corral import protocol as p
+from corral.core.expr import parse_condition
 from corral.core.rules import validate_rule
 from corral.errors import Conflict, Forbidden, InvalidInput, NotFound
 from corral.selectors import parse
+from corral.server import rules_store
 from corral.server.api.deps import Ctx, Operator, Paging, Viewer, encode_cursor, rid
 from corral.server.api.views import iso
 from corral.server.auth import Principal
@@ -78,8 +80,6 @@ def rule_view(r: DeviceRule) -> RuleOut:
 def _split_for(expr: str) -> tuple[str, float]:
     """``... for 5m`` -> (expr, 300). The parser understands ``for`` too; the seconds are
     stored beside the text so the device need not re-derive them."""
-    from corral.core.expr import parse_condition
-
     return expr.strip(), parse_condition(expr).for_s
 
 
@@ -151,8 +151,6 @@ async def list_rules(ctx: Ctx, _: Viewer, paging: Paging) -> RulePage:
 @router.get("/rules/{ref}", response_model=RuleOut, summary="Show a rule and where it runs")
 async def show_rule(ref: str, ctx: Ctx, _: Viewer,
                     refused_limit: Annotated[int, Query(ge=0, le=1000)] = 100) -> RuleOut:
-    from corral.server import rules_store
-
     async with ctx.reader() as db:
         r = await _get(ctx, db, ref)
         out = rule_view(r)
