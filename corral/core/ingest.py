@@ -1,4 +1,5 @@
-"""Checking a telemetry batch before it is stored: pure, so every rule is a table-driven test.
+"""Checking a telemetry batch before it is stored: pure (but for a memo of metric names seen),
+so every rule is a table-driven test.
 
 A device is trusted to say what it measured, not to be well-formed: a buggy or hostile agent
 can send NaN, a clock far in the future, a name built to confuse a query, or a million points.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from corral.protocol import Event, Telemetry, valid_metric_name
 
@@ -56,6 +58,21 @@ class CleanBatch:
             self.reason = reason
 
 
+#: names seen before and whether they were valid: devices repeat the same few hundred names
+_NAMES: dict[str, bool] = {}
+_NAMES_MAX = 100_000
+
+
+def _name_ok(name: str) -> bool:
+    ok = _NAMES.get(name)
+    if ok is None:
+        ok = valid_metric_name(name)
+        if len(_NAMES) >= _NAMES_MAX:  # hostile devices inventing names cannot grow it unbounded
+            _NAMES.clear()
+        _NAMES[name] = ok
+    return ok
+
+
 class BatchRefused(ValueError):
     """The batch as a whole is unacceptable (too many points or events)."""
 
@@ -68,28 +85,38 @@ def clean_batch(batch: Telemetry, now_ms: int, limits: IngestLimits) -> CleanBat
         raise BatchRefused(f"batch has {len(batch.events)} events; at most {limits.max_events} are accepted")
     lo, hi = now_ms - limits.max_age_ms, now_ms + limits.max_future_ms
     out = CleanBatch()
-    tmin, tmax = None, None
+    points = out.points
+    isfinite = math.isfinite
     for s in batch.series:
-        n = max(len(s.ts), len(s.values))
-        if not valid_metric_name(s.name):
-            out.reject(n, f"invalid metric name {s.name[:64]!r}")
+        name, tss, vs = s.name, s.ts, s.values
+        if not _name_ok(name):
+            out.reject(max(len(tss), len(vs)), f"invalid metric name {name[:64]!r}")
             continue
-        if len(s.ts) != len(s.values):
-            out.reject(n, f"{s.name}: ts and values differ in length")
+        if len(tss) != len(vs):
+            out.reject(max(len(tss), len(vs)), f"{name}: ts and values differ in length")
+            continue
+        if len(tss) == 1:  # the common case: one collection, one point per metric
+            t, v = tss[0], vs[0]
+            if lo <= t <= hi and isfinite(v):
+                points.append((name, t, float(v)))
+                continue
+        elif tss and lo <= min(tss) and max(tss) <= hi and all(map(isfinite, vs)) and len(set(tss)) == len(tss):
+            points.extend(zip(repeat(name), tss, map(float, vs)))  # a clean series, checked as a whole
             continue
         seen: set[int] = set()
-        for ts, v in zip(s.ts, s.values, strict=True):
-            if not math.isfinite(v):
-                out.reject(1, f"{s.name}: value {v} is not finite")
+        for ts, v in zip(tss, vs, strict=True):
+            if not isfinite(v):
+                out.reject(1, f"{name}: value {v} is not finite")
             elif ts < lo or ts > hi:
-                out.reject(1, f"{s.name}: timestamp {ts} is outside the accepted window")
+                out.reject(1, f"{name}: timestamp {ts} is outside the accepted window")
             elif ts in seen:
-                out.reject(1, f"{s.name}: timestamp {ts} repeats in the batch")
+                out.reject(1, f"{name}: timestamp {ts} repeats in the batch")
             else:
                 seen.add(ts)
-                out.points.append((s.name, ts, float(v)))
-                tmin = ts if tmin is None or ts < tmin else tmin
-                tmax = ts if tmax is None or ts > tmax else tmax
+                points.append((name, ts, float(v)))
+    if points:
+        stamps = [t for _, t, _ in points]
+        out.min_ts, out.max_ts = min(stamps), max(stamps)
     for e in batch.events:
         if e.ts < lo or e.ts > hi:
             out.reject(1, f"event timestamp {e.ts} is outside the accepted window")
@@ -102,5 +129,4 @@ def clean_batch(batch: Telemetry, now_ms: int, limits: IngestLimits) -> CleanBat
                  if not (isinstance(v, float) and not math.isfinite(v))}
         out.events.append(Event(ts=e.ts, severity=e.severity, source=e.source,
                                 message=e.message[: limits.max_message_chars], attrs=attrs))
-    out.min_ts, out.max_ts = tmin, tmax
     return out
