@@ -179,12 +179,17 @@ def notification_data(alert: Alert, key: str, n: alerting.Notification) -> dict[
             "at": webhooks.iso_utc(n.at)}
 
 
-async def evaluate_alert(db: AsyncSession, alert: Alert, now: float) -> list[tuple[str, str]]:
-    """One evaluation of one alert inside the caller's write transaction; returns the
-    notifications sent as (key, kind)."""
+async def observe(db: AsyncSession, alert: Alert, now: float) -> Observations:
+    """What an alert's condition says now, per instance key (reads only)."""
+    known = list((await db.scalars(select(AlertInstance.key).where(
+        AlertInstance.alert_id == alert.id, AlertInstance.state != "inactive"))).all())
+    return await OBSERVERS[alert.kind](db, alert, now, known)
+
+
+async def apply_observations(db: AsyncSession, alert: Alert, obs: Observations, now: float) -> list[tuple[str, str]]:
+    """Step every instance of ``alert`` inside the caller's write transaction, writing a
+    webhook message for each notification; returns them as (key, kind)."""
     rows = {r.key: r for r in (await db.scalars(select(AlertInstance).where(AlertInstance.alert_id == alert.id)))}
-    known = [k for k, r in rows.items() if r.state != "inactive"]
-    obs = await OBSERVERS[alert.kind](db, alert, now, known)
     hold = 0.0 if alert.kind == "offline" else alert.for_s
     sent: list[tuple[str, str]] = []
     for key, (observation, value) in obs.items():
@@ -209,20 +214,30 @@ async def evaluate_alert(db: AsyncSession, alert: Alert, now: float) -> list[tup
 
 
 async def evaluate_all(ctx: ServerContext, now: float | None = None) -> dict[str, list[tuple[str, str]]]:
+    """One round: observe every enabled alert with a read-only session (the aggregates may scan
+    many points, and SQLite's single writer must not wait for that), then apply the steps in one
+    short write transaction."""
     now = time.time() if now is None else now
-    out: dict[str, list[tuple[str, str]]] = {}
-    async with ctx.writer() as db:
-        if not ctx.sqlite:
-            got = await db.scalar(text("SELECT pg_try_advisory_xact_lock(hashtext('corral.alerts'))"))
-            if not got:
-                return out
+    observed: list[tuple[Alert, Observations]] = []
+    async with ctx.reader() as db:
         alerts = (await db.scalars(select(Alert).where(Alert.enabled.is_(True)).order_by(Alert.name))).all()
         for alert in alerts:
             try:
-                async with db.begin_nested():
-                    out[alert.name] = await evaluate_alert(db, alert, now)
+                observed.append((alert, await observe(db, alert, now)))
             except Exception:  # one broken alert must not stop the others
                 log.exception("evaluating alert %s failed", alert.name)
+    out: dict[str, list[tuple[str, str]]] = {}
+    if not observed:
+        return out
+    async with ctx.writer() as db:
+        if not ctx.sqlite:
+            got = await db.scalar(text("SELECT pg_try_advisory_xact_lock(hashtext('corral.alerts'))"))
+            if not got:  # another replica is applying this round
+                return out
+        for alert, obs in observed:
+            if await db.get(Alert, alert.id) is None:
+                continue  # deleted meanwhile
+            out[alert.name] = await apply_observations(db, alert, obs, now)
     if any(out.values()):
         webhooks.notify(ctx)
         log.info("alerts: %s", {k: v for k, v in out.items() if v})
