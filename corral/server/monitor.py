@@ -17,6 +17,9 @@ from corral.server.context import ServerContext
 
 log = logging.getLogger(__name__)
 
+#: series per rollup statement on SQLite (each its own short write transaction)
+ROLLUP_CHUNK_SERIES = 2000
+
 
 class Monitor:
     def __init__(self, ctx: ServerContext) -> None:
@@ -52,8 +55,23 @@ class Monitor:
                 log.exception("%s job failed", what)
 
     async def rollup_once(self) -> dict[str, int]:
-        async with self.ctx.writer() as db:
-            stats = await self.ctx.tsdb.rollup(db, time.time())
+        ctx, ts = self.ctx, self.ctx.tsdb
+        if not ctx.sqlite:  # MVCC: one transaction does not hold up ingestion
+            async with ctx.writer() as db:
+                stats = await ts.rollup(db, time.time())
+        else:
+            # SQLite has one writer: run the plan in short transactions so that telemetry
+            # batches (and their acks) interleave with a big rollup instead of waiting it out
+            async with ctx.writer() as db:
+                plan = await ts.rollup_plan(db, time.time(), chunk=ROLLUP_CHUNK_SERIES)
+            if plan is None:
+                return {}
+            for step in plan.steps:
+                async with ctx.writer() as db:
+                    await ts.rollup_step(db, step)
+            async with ctx.writer() as db:
+                await ts.rollup_finish(db, plan)
+            stats = plan.stats
         self.rollups += 1
         if stats.get("late_devices"):
             log.info("rollup: %s", stats)

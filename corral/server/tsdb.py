@@ -59,6 +59,28 @@ class SeriesLimitExceeded(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class RollupStep:
+    """One statement of a rollup run: recompute ``kind`` buckets in [lo, hi) for the series of
+    the devices ``devices_sql`` selects (all when empty), within an optional series id range."""
+
+    kind: str  # "1m" (from raw points) or "1h" (from 1-minute rollups)
+    devices_sql: str
+    params: dict[str, Any]
+    lo: int
+    hi: int
+    series: tuple[int, int] | None = None
+
+
+@dataclass
+class RollupPlan:
+    cutoff: float
+    c1m: int
+    c1h: int
+    stats: dict[str, int]
+    steps: list[RollupStep] = field(default_factory=list)
+
+
 @dataclass
 class NewIds:
     """Ids created by a transaction, cached once it commits."""
@@ -176,80 +198,110 @@ class TimeSeriesStore:
     async def rollup(self, db: AsyncSession, now: float, settle_s: float = 2.0,
                      recent_ms: int = 10 * MINUTE_MS) -> dict[str, int]:
         """One rollup run in the caller's write transaction. Returns counts for logs and tests."""
-        conn = await db.connection()
         if self.postgres:
-            got = await conn.scalar(text("SELECT pg_try_advisory_xact_lock(hashtext('corral.rollup'))"))
+            got = await db.scalar(text("SELECT pg_try_advisory_xact_lock(hashtext('corral.rollup'))"))
             if not got:  # another replica is on it
                 return {"skipped": 1}
+        plan = await self.rollup_plan(db, now, settle_s, recent_ms)
+        if plan is None:
+            return {}
+        for step in plan.steps:
+            await self.rollup_step(db, step)
+        await self.rollup_finish(db, plan)
+        return plan.stats
+
+    async def rollup_plan(self, db: AsyncSession, now: float, settle_s: float = 2.0,
+                          recent_ms: int = 10 * MINUTE_MS, chunk: int | None = None) -> RollupPlan | None:
+        """What a rollup run has to compute, as statements that can run in one transaction or,
+        with ``chunk`` (series per statement), each in its own: every statement recomputes whole
+        buckets from their source, so a run cut short is simply repeated by the next one."""
+        conn = await db.connection()
         wm = await _meta_float(db, WM_RECEIVED, 0.0)
         cutoff = now - settle_s
         if cutoff <= wm:
-            return {}
-        now_ms = int(now * 1000)
-        recent_from = now_ms - recent_ms
+            return None
+        recent_from = int(now * 1000) - recent_ms
         ranges = (await conn.execute(text(
             "SELECT device_id, min(min_ts), max(max_ts) FROM telemetry_batches"
             " WHERE received_at > :wm AND received_at <= :cut AND min_ts IS NOT NULL GROUP BY device_id"),
             {"wm": wm, "cut": cutoff})).all()
-        stats = {"devices": len(ranges), "late_devices": 0}
         recent = [(d, lo, hi) for d, lo, hi in ranges if lo >= recent_from]
         late = [(d, lo, hi) for d, lo, hi in ranges if lo < recent_from]
         c1h = int(await _meta_float(db, WM_1H, 0.0))
-        if recent:
-            lo = _floor(min(r[1] for r in recent), MINUTE_MS)
-            hi = _floor(max(r[2] for r in recent), MINUTE_MS) + MINUTE_MS
-            devices_sql = ("SELECT device_id FROM telemetry_batches WHERE received_at > :wm AND received_at <= :cut"
-                           " AND min_ts >= :recent")
-            params = {"wm": wm, "cut": cutoff, "recent": recent_from}
-            await self._rollup_1m(conn, devices_sql, params, lo, hi)
-            if lo < c1h:  # a recent batch reached into a completed hour
-                await self._rollup_1h(conn, devices_sql, params, _floor(lo, HOUR_MS), c1h)
-        for d, lo, hi in late:
-            stats["late_devices"] += 1
-            lo, hi = _floor(lo, MINUTE_MS), _floor(hi, MINUTE_MS) + MINUTE_MS
-            await self._rollup_1m(conn, "SELECT :dev", {"dev": d}, lo, hi)
-            if lo < c1h:
-                await self._rollup_1h(conn, "SELECT :dev", {"dev": d}, _floor(lo, HOUR_MS),
-                                      min(c1h, _floor(hi, HOUR_MS) + HOUR_MS))
         # Completeness: a minute is complete once a whole minute has passed after it (devices
         # report every few seconds); an hour once all its minutes are.
         c1m = _floor(int(cutoff * 1000), MINUTE_MS) - MINUTE_MS
         new_c1h = _floor(c1m, HOUR_MS)
+        plan = RollupPlan(cutoff=cutoff, c1m=c1m, c1h=max(new_c1h, c1h),
+                          stats={"devices": len(ranges), "late_devices": len(late)})
+        chunks = await self._series_chunks(conn, chunk)
+        if recent:
+            lo = _floor(min(r[1] for r in recent), MINUTE_MS)
+            hi = _floor(max(r[2] for r in recent), MINUTE_MS) + MINUTE_MS
+            devices = ("SELECT device_id FROM telemetry_batches WHERE received_at > :wm AND received_at <= :cut"
+                       " AND min_ts >= :recent")
+            params = {"wm": wm, "cut": cutoff, "recent": recent_from}
+            plan.steps += [RollupStep("1m", devices, params, lo, hi, c) for c in chunks]
+            if lo < c1h:  # a recent batch reached into a completed hour
+                plan.steps += [RollupStep("1h", devices, params, _floor(lo, HOUR_MS), c1h, c) for c in chunks]
+        for d, lo, hi in late:
+            lo, hi = _floor(lo, MINUTE_MS), _floor(hi, MINUTE_MS) + MINUTE_MS
+            plan.steps.append(RollupStep("1m", "SELECT :dev", {"dev": d}, lo, hi))
+            if lo < c1h:
+                plan.steps.append(RollupStep("1h", "SELECT :dev", {"dev": d}, _floor(lo, HOUR_MS),
+                                             min(c1h, _floor(hi, HOUR_MS) + HOUR_MS)))
         if new_c1h > c1h:
             first = c1h
-            if not first:  # the first run: every hour since the oldest minute rolled up
-                oldest = await conn.scalar(text("SELECT min(bucket) FROM rollup_1m"))
-                first = _floor(oldest, HOUR_MS) if oldest is not None else new_c1h
-            await self._rollup_1h(conn, "SELECT id FROM devices", {}, first, new_c1h, by_device=False)
-            stats["hours"] = (new_c1h - first) // HOUR_MS
-        await _meta_set(db, WM_RECEIVED, repr(cutoff))
-        await _meta_set(db, WM_1M, str(c1m))
-        await _meta_set(db, WM_1H, str(max(new_c1h, c1h)))
-        return stats
+            if not first:  # the first run: every hour since the oldest minute rolled up (below)
+                oldest = min([r[1] for r in ranges] + [await conn.scalar(text("SELECT min(bucket) FROM rollup_1m"))
+                                                        or int(cutoff * 1000)])
+                first = _floor(oldest, HOUR_MS)
+            plan.steps += [RollupStep("1h", "", {}, first, new_c1h, c) for c in chunks]
+            plan.stats["hours"] = (new_c1h - first) // HOUR_MS
+        return plan
+
+    async def _series_chunks(self, conn: AsyncConnection, chunk: int | None) -> list[tuple[int, int] | None]:
+        if not chunk:
+            return [None]
+        top = await conn.scalar(text("SELECT max(id) FROM series")) or 0
+        return [(lo, lo + chunk - 1) for lo in range(1, top + 1, chunk)] or [None]
+
+    async def rollup_step(self, db: AsyncSession, step: RollupStep) -> None:
+        conn = await db.connection()
+        if step.kind == "1m":
+            await self._rollup_1m(conn, step.devices_sql, step.params, step.lo, step.hi, step.series)
+        else:
+            await self._rollup_1h(conn, step.devices_sql, step.params, step.lo, step.hi, step.series)
+
+    async def rollup_finish(self, db: AsyncSession, plan: RollupPlan) -> None:
+        """Move the watermarks: only after every step of the plan is committed."""
+        await _meta_set(db, WM_RECEIVED, repr(plan.cutoff))
+        await _meta_set(db, WM_1M, str(plan.c1m))
+        await _meta_set(db, WM_1H, str(plan.c1h))
 
     async def _rollup_1m(self, conn: AsyncConnection, devices_sql: str, params: dict[str, Any],
-                         lo: int, hi: int) -> None:
+                         lo: int, hi: int, series: tuple[int, int] | None = None) -> None:
+        where, extra = _series_where(devices_sql, series)
         await conn.execute(text(
             "INSERT INTO rollup_1m (series_id, bucket, count, sum, min, max)"
             " SELECT p.series_id, (p.ts / 60000) * 60000 AS b, count(*), sum(p.value), min(p.value), max(p.value)"
-            f" FROM points p WHERE p.series_id IN (SELECT id FROM series WHERE device_id IN ({devices_sql}))"
+            f" FROM points p WHERE p.series_id IN ({where})"
             " AND p.ts >= :lo AND p.ts < :hi GROUP BY p.series_id, b"
             " ON CONFLICT (series_id, bucket) DO UPDATE SET count = excluded.count, sum = excluded.sum,"
-            " min = excluded.min, max = excluded.max"), {**params, "lo": lo, "hi": hi})
+            " min = excluded.min, max = excluded.max"), {**params, **extra, "lo": lo, "hi": hi})
 
     async def _rollup_1h(self, conn: AsyncConnection, devices_sql: str, params: dict[str, Any],
-                         lo: int, hi: int, by_device: bool = True) -> None:
+                         lo: int, hi: int, series: tuple[int, int] | None = None) -> None:
         if hi <= lo:
             return
-        series = (f"SELECT id FROM series WHERE device_id IN ({devices_sql})" if by_device
-                  else "SELECT id FROM series")
+        where, extra = _series_where(devices_sql, series)
         await conn.execute(text(
             "INSERT INTO rollup_1h (series_id, bucket, count, sum, min, max)"
             " SELECT r.series_id, (r.bucket / 3600000) * 3600000 AS b, sum(r.count), sum(r.sum), min(r.min),"
-            f" max(r.max) FROM rollup_1m r WHERE r.series_id IN ({series})"
+            f" max(r.max) FROM rollup_1m r WHERE r.series_id IN ({where})"
             " AND r.bucket >= :lo AND r.bucket < :hi GROUP BY r.series_id, b"
             " ON CONFLICT (series_id, bucket) DO UPDATE SET count = excluded.count, sum = excluded.sum,"
-            " min = excluded.min, max = excluded.max"), {**params, "lo": lo, "hi": hi})
+            " min = excluded.min, max = excluded.max"), {**params, **extra, "lo": lo, "hi": hi})
 
     async def watermarks(self, db: AsyncSession) -> tuple[int, int]:
         """(1-minute, hour) completeness watermarks in epoch ms."""
@@ -275,6 +327,16 @@ class TimeSeriesStore:
                                  {"cut": now_ms - int(keep.events_s * 1000)})
         out["device_events"] = res.rowcount or 0
         return out
+
+
+def _series_where(devices_sql: str, series: tuple[int, int] | None) -> tuple[str, dict[str, int]]:
+    """The series a statement covers: those of some devices (or all), optionally an id range."""
+    conds = [f"device_id IN ({devices_sql})"] if devices_sql else []
+    extra: dict[str, int] = {}
+    if series is not None:
+        conds.append("id BETWEEN :s0 AND :s1")
+        extra = {"s0": series[0], "s1": series[1]}
+    return "SELECT id FROM series" + (" WHERE " + " AND ".join(conds) if conds else ""), extra
 
 
 def _floor(ms: int, unit: int) -> int:
