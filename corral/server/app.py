@@ -25,6 +25,7 @@ from corral.server.prom import CONTENT_TYPE as PROM_CONTENT_TYPE
 from corral.server.prom import RequestTimer, ServerMetrics
 from corral.server.secrets import load_audit_key
 from corral.server.store.db import create_engine, is_sqlite, session_factory
+from corral.server.telemetry_writer import TelemetryWriter
 from corral.server.tsdb import TimeSeriesStore
 from corral.server.webhooks import WebhookDispatcher
 
@@ -74,6 +75,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         webhook_dispatcher.start()
         ctx.tsdb = TimeSeriesStore(postgres=not ctx.sqlite,
                                    max_series_per_device=config.monitoring.max_series_per_device)
+        ctx.telemetry = TelemetryWriter(ctx)
+        ctx.telemetry.start()
         ctx.hub = Hub(ctx)
         app.state.ctx = ctx
         await ctx.hub.start()
@@ -85,6 +88,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         finally:
             await monitor.stop()
             await ctx.hub.stop()
+            await ctx.telemetry.stop()
             await webhook_dispatcher.stop()
             await ctx.commits.stop()
             await bus.close()

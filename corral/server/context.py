@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from corral.server.bus import Bus
     from corral.server.groupcommit import GroupCommitter
     from corral.server.hub import Hub
+    from corral.server.telemetry_writer import TelemetryWriter
     from corral.server.tsdb import TimeSeriesStore
 
 
@@ -31,6 +32,7 @@ class ServerContext:
     hub: Hub | None = None
     commits: GroupCommitter = None  # type: ignore[assignment]  # set by the app at startup
     tsdb: TimeSeriesStore = None  # type: ignore[assignment]  # set by the app at startup
+    telemetry: TelemetryWriter = None  # type: ignore[assignment]  # set by the app at startup
     sqlite: bool = True
     # SQLite has one writer: serialising our write transactions in-process avoids
     # SQLITE_BUSY_SNAPSHOT on read-then-write and keeps the audit chain linear.

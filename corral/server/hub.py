@@ -13,8 +13,8 @@ Cross-replica: commands, admission changes and forced closes arrive on the bus
 (``device.<id>.command|status|close|rules``, ``rules.changed``); whichever replica holds the
 session acts.
 
-Telemetry: each ``telemetry`` batch is checked (``core.ingest``), stored through the group
-committer (``tsdb``) and only then acked, so the device deletes it from its spool after it is
+Telemetry: each ``telemetry`` batch is checked (``core.ingest``), stored with other devices'
+batches (``telemetry_writer``) and only then acked, so the device deletes it from its spool after it is
 durable here; a batch seen before is acked as a duplicate. On-device rules go down on connect
 and whenever they (or the device's tags and groups) change (``rules_store``).
 """
@@ -41,10 +41,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from corral import protocol as p
 from corral.core.admission import Action, decide
 from corral.core.ingest import BatchRefused, clean_batch
-from corral.server import registry, rules_store, webhooks
+from corral.server import registry, rules_store
 from corral.server.context import ServerContext
 from corral.server.store.models import Device, DeviceCommand, Group
-from corral.server.tsdb import NewIds, SeriesLimitExceeded
+from corral.server.tsdb import Incoming, SeriesLimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -337,27 +337,11 @@ class Hub:
             return
         dropped = batch.dropped if batch.dropped != s.dropped else None
         actions = [e for e in clean.events if e.source == "allowlist"]
-
-        async def write(db: AsyncSession) -> tuple[bool, NewIds]:
-            stored, new = await ctx.tsdb.ingest(db, s.device_id, batch.seq, clean, dropped, now)
-            if stored:
-                for e in actions:  # what a device did on its own authority: audit log and webhooks
-                    await ctx.audit(db, f"device:{s.device_id}", "device.rule_action", s.device_id,
-                                    {"message": e.message, **e.attrs})
-                    await webhooks.enqueue(db, "device.rule_action",
-                                           {"device_id": s.device_id, "severity": e.severity,
-                                            "message": e.message, "attrs": dict(e.attrs),
-                                            "at": webhooks.iso_utc(e.ts / 1000)}, now)
-            return stored, new
-
         try:
-            stored, new = await ctx.commits.write(write)
+            stored = await ctx.telemetry.write(Incoming(s.device_id, batch.seq, clean, dropped, now), actions)
         except SeriesLimitExceeded as e:
             await self._send(s, p.TelemetryAck(seq=batch.seq, rejected=len(clean.points), reason=str(e)))
             return
-        ctx.tsdb.remember(new)
-        if actions and stored:
-            webhooks.notify(ctx)
         s.dropped = batch.dropped
         ts = ctx.tsdb
         ts.batches_total += 1

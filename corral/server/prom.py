@@ -52,6 +52,9 @@ class _ServerCollector(Collector):
             yield CounterMetricFamily("corral_write_batches", "Group-commit transactions", value=commits.batches)
             yield CounterMetricFamily("corral_writes", "Writes committed through the group committer",
                                       value=commits.writes)
+        if ctx.telemetry is not None:
+            yield GaugeMetricFamily("corral_telemetry_queue_depth", "Telemetry batches waiting to be stored",
+                                    value=ctx.telemetry.depth)
         ts = ctx.tsdb
         if ts is not None:
             yield CounterMetricFamily("corral_telemetry_points", "Telemetry points stored", value=ts.points_total)

@@ -6,11 +6,11 @@ raw points are ``(series_id, ts_ms, value)`` clustered by (series, ts); ``rollup
 ``(device, seq)`` -- the idempotency key of at-least-once telemetry -- which also records the
 time range the batch touched.
 
-Ingestion (:meth:`TimeSeriesStore.ingest`) runs inside a group-committed write transaction:
-receipt first (``ON CONFLICT DO NOTHING``; no row inserted means a duplicate, so nothing else is
-written), then the points with one ``executemany`` through the driver (SQLAlchemy's per-row
-overhead would cost more than SQLite's insert), then events. Series ids are cached per process
-and only after the transaction that created them committed.
+Ingestion (:meth:`TimeSeriesStore.ingest_many`) stores many devices' batches in one write
+transaction (``telemetry_writer``): receipts already present mark duplicates, which are acked but
+not written again; then one ``executemany`` through the driver per table -- receipts, points,
+events (SQLAlchemy's per-row overhead would cost more than SQLite's insert). Series ids are
+cached per process and only after the transaction that created them committed.
 
 Rollups (:meth:`TimeSeriesStore.rollup`, a periodic job): receipts that arrived since the last
 run name the devices and the time ranges to (re)compute, so late data (a device back after a
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,17 @@ class RollupPlan:
 
 
 @dataclass
+class Incoming:
+    """One device's checked batch, waiting to be stored."""
+
+    device_id: str
+    seq: int
+    batch: CleanBatch
+    dropped: int | None
+    now: float
+
+
+@dataclass
 class NewIds:
     """Ids created by a transaction, cached once it commits."""
 
@@ -125,25 +136,52 @@ class TimeSeriesStore:
 
     async def ingest(self, db: AsyncSession, device_id: str, seq: int, batch: CleanBatch,
                      dropped: int | None, now: float) -> tuple[bool, NewIds]:
-        """Store one cleaned batch. Returns (stored, ids created) -- ``stored`` is False for a
-        duplicate. The caller passes the new ids to :meth:`remember` after the commit: an id
-        cached before its transaction committed would outlive a rollback."""
+        """Store one cleaned batch (see :meth:`ingest_many`). Returns (stored, ids created) --
+        ``stored`` is False for a duplicate. The caller passes the new ids to :meth:`remember`
+        after the commit: an id cached before its transaction committed would outlive a rollback."""
+        stored, new = await self.ingest_many(db, [Incoming(device_id, seq, batch, dropped, now)])
+        return stored[0], new
+
+    async def ingest_many(self, db: AsyncSession, items: Sequence[Incoming]) -> tuple[list[bool], NewIds]:
+        """Store many devices' batches in the caller's transaction with one statement per table
+        (the hot path: a handful of round trips per flush instead of a few per batch). Returns
+        whether each was stored (False: a duplicate) and the ids created."""
         conn = await db.connection()
-        res = await conn.exec_driver_sql(self._sql_receipt, (
-            device_id, seq, now, batch.min_ts, batch.max_ts, len(batch.points), len(batch.events), batch.rejected))
         new = NewIds()
-        if not res.rowcount:
-            return False, new
-        if batch.points:
-            names = {name for name, _, _ in batch.points}
-            ids = await self._series_for(conn, device_id, names, new)
-            await conn.exec_driver_sql(self._sql_points, [(ids[n], ts, v) for n, ts, v in batch.points])
-        if batch.events:
-            await conn.exec_driver_sql(self._sql_event, [
-                (device_id, e.ts, e.severity, e.source, e.message, json.dumps(e.attrs), now) for e in batch.events])
-        if dropped is not None:
-            await conn.exec_driver_sql(self._sql_dropped, (device_id, dropped, now))
-        return True, new
+        devices = sorted({i.device_id for i in items})
+        seqs = sorted({i.seq for i in items})
+        stmt = text("SELECT device_id, seq FROM telemetry_batches WHERE device_id IN :d AND seq IN :s").bindparams(
+            bindparam("d", expanding=True), bindparam("s", expanding=True))
+        seen = {(d, q) for d, q in (await conn.execute(stmt, {"d": devices, "s": seqs})).all()}
+        stored: list[bool] = []
+        fresh: list[Incoming] = []
+        for i in items:
+            key = (i.device_id, i.seq)
+            ok = key not in seen
+            seen.add(key)  # the same batch twice in one flush: the second is a duplicate
+            stored.append(ok)
+            if ok:
+                fresh.append(i)
+        if not fresh:
+            return stored, new
+        await conn.exec_driver_sql(self._sql_receipt, [
+            (i.device_id, i.seq, i.now, i.batch.min_ts, i.batch.max_ts, len(i.batch.points), len(i.batch.events),
+             i.batch.rejected) for i in fresh])
+        rows: list[tuple[int, int, float]] = []
+        for i in fresh:
+            if i.batch.points:
+                ids = await self._series_for(conn, i.device_id, {n for n, _, _ in i.batch.points}, new)
+                rows.extend((ids[n], ts, v) for n, ts, v in i.batch.points)
+        if rows:
+            await conn.exec_driver_sql(self._sql_points, rows)
+        events = [(i.device_id, e.ts, e.severity, e.source, e.message, json.dumps(e.attrs), i.now)
+                  for i in fresh for e in i.batch.events]
+        if events:
+            await conn.exec_driver_sql(self._sql_event, events)
+        dropped = [(i.device_id, i.dropped, i.now) for i in fresh if i.dropped is not None]
+        if dropped:
+            await conn.exec_driver_sql(self._sql_dropped, dropped)
+        return stored, new
 
     def remember(self, new: NewIds) -> None:
         self._metric_ids.update(new.metrics)

@@ -146,3 +146,48 @@ def test_chunked_rollup_in_short_transactions_equals_one_transaction(db_url: str
             await engine.dispose()
 
     asyncio.run(go())
+
+
+def test_telemetry_writer_stores_many_devices_together_and_isolates_a_failure(db_url: str, tmp_path: Path) -> None:
+    """Batches queued together share one flush; a device over its series limit fails alone, and a
+    batch sent twice in the same flush is stored once."""
+    from corral.server.bus import make_bus
+    from corral.server.config import ServerConfig
+    from corral.server.context import ServerContext
+    from corral.server.telemetry_writer import TelemetryWriter
+    from corral.server.tsdb import Incoming, SeriesLimitExceeded
+
+    async def go() -> None:
+        engine = create_engine(db_url)
+        ctx = ServerContext(config=ServerConfig(data_dir=tmp_path, db_url=db_url), engine=engine,
+                            sessions=session_factory(engine), audit_key=b"k" * 32, bus=make_bus(""),
+                            sqlite=is_sqlite(db_url))
+        ctx.tsdb = TimeSeriesStore(postgres=not ctx.sqlite, max_series_per_device=3)
+        writer = TelemetryWriter(ctx)
+        try:
+            async with ctx.writer() as db:
+                for i in range(20):
+                    await db.execute(text("INSERT INTO devices (id, public_key, status, created_at, updated_at,"
+                                          " online, inventory) VALUES (:id, :pk, 'accepted', 0, 0, false, '{}')"),
+                                     {"id": f"{i:032d}", "pk": i.to_bytes(32, "big")})
+            items = [Incoming(f"{i:032d}", 1, batch([("a", T0, 1.0), ("b", T0, 2.0)]), None, T0 / 1000)
+                     for i in range(20)]
+            greedy = Incoming(f"{0:032d}", 2, batch([(f"m{k}", T0, 1.0) for k in range(5)]), None, T0 / 1000)
+            twice = Incoming(f"{1:032d}", 1, batch([("a", T0, 1.0), ("b", T0, 2.0)]), None, T0 / 1000)
+            # queued before the flusher starts, so they share flushes
+            futs = [asyncio.ensure_future(writer.write(it, [])) for it in [*items, greedy, twice]]
+            await asyncio.sleep(0)
+            writer.start()
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            assert results[:20] == [True] * 20
+            assert isinstance(results[20], SeriesLimitExceeded)
+            assert results[21] is False  # the same (device, seq) as items[1]
+            async with ctx.reader() as db:
+                n = (await db.execute(text("SELECT count(*) FROM points"))).scalar()
+                receipts = (await db.execute(text("SELECT count(*) FROM telemetry_batches"))).scalar()
+            assert (n, receipts) == (40, 20)
+        finally:
+            await writer.stop()
+            await engine.dispose()
+
+    asyncio.run(go())
