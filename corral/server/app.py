@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -83,6 +84,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         monitor = Monitor(ctx)
         app.state.monitor = monitor
         monitor.start()
+        gc.freeze()  # what startup built lives as long as the process: keep it out of collections
         try:
             yield
         finally:

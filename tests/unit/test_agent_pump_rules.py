@@ -7,12 +7,13 @@ import asyncio
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from corral import protocol as p
 from corral.agent.config import RulesConfig
 from corral.agent.platform.sim import SimPlatform
 from corral.agent.rules import AgentRules
-from corral.agent.telemetry.pump import TelemetryPump
+from corral.agent.telemetry.pump import TelemetryPump, next_collection
 from corral.agent.telemetry.spool import MemorySpool, SpoolLimits
 
 
@@ -118,3 +119,26 @@ def test_enforce_can_be_disabled_in_the_agent_config() -> None:
     assert "disabled" in ack.refused["a"]
     off = AgentRules(plat, RulesConfig(enabled=False))
     assert set(asyncio.run(off.apply(p.Rules(version="v", rules=[spec()]))).refused) == {"r1"}
+
+
+def test_collections_never_share_a_timestamp_even_if_the_clock_does() -> None:
+    """Timers fire early and clocks step back: every batch still gets its own, later millisecond."""
+
+    async def go() -> None:
+        stamps = iter([100.0, 100.0, 99.5, 100.0004])
+        spool = MemorySpool()
+        pump = TelemetryPump(Source(), spool, blocking_spool=False, clock=lambda: next(stamps))
+        for _ in range(4):
+            await pump.collect_once()
+        ts = [msgspec.msgpack.decode(b)[0][0][1][0] for _, b in spool.pending(0, 10)]
+        assert ts == [100000, 100001, 100002, 100003]
+
+    asyncio.run(go())
+
+
+def test_each_grid_slot_is_collected_once_when_timers_fire_early() -> None:
+    # the timer for slot 11 fired at 10.999: the next collection is slot 12, a second away
+    assert next_collection(10.9995, 1.0, 11) == (12, pytest.approx(1.0005))
+    assert next_collection(10.2, 1.0, -1) == (11, pytest.approx(0.8))
+    # a stall past several slots: the next slot after now, no burst of catch-up collections
+    assert next_collection(15.5, 1.0, 11) == (16, pytest.approx(0.5))

@@ -61,6 +61,12 @@ class AppSource(Protocol):
     def drain(self, now_ms: int) -> tuple[list[tuple[str, float]], list[p.Event]]: ...
 
 
+def next_collection(now: float, interval: float, last_slot: int) -> tuple[int, float]:
+    """The next interval-grid slot to collect (after ``last_slot``) and how long to wait for it."""
+    slot = max(int(now // interval) + 1, last_slot + 1)
+    return slot, max(0.0, slot * interval - now)
+
+
 _ENC = msgspec.msgpack.Encoder()
 _DEC = msgspec.msgpack.Decoder(SpoolRecord)
 
@@ -82,6 +88,7 @@ class TelemetryPump:
         self._inflight: set[int] = set()
         self._last_sent = 0  # highest seq sent on this connection
         self._lock = asyncio.Lock()  # one pump() at a time: acks and ticks both trigger it
+        self._last_ms = 0
         #: counters (tests and the sim summary read them)
         self.collected = 0
         self.acked = 0
@@ -98,9 +105,12 @@ class TelemetryPump:
     async def run(self) -> None:
         """Collect every interval until cancelled, aligned to the interval grid so that the
         devices' points land on the same bucket edges."""
+        last_slot = -1
         while True:
-            now = self._clock()
-            await asyncio.sleep(self.interval - (now % self.interval))
+            # the next grid slot after the last one collected: timers may fire a little early
+            # (uvloop: ~1 ms), and a slot must never be collected twice
+            last_slot, delay = next_collection(self._clock(), self.interval, last_slot)
+            await asyncio.sleep(delay)
             try:
                 await self.collect_once()
             except asyncio.CancelledError:
@@ -110,7 +120,10 @@ class TelemetryPump:
 
     async def collect_once(self) -> int | None:
         now = self._clock()
-        now_ms = int(now * 1000)
+        # strictly increasing per device: the server keeps one point per series and millisecond,
+        # so two collections in one millisecond (a clock step back, say) would lose the second
+        now_ms = max(int(now * 1000), self._last_ms + 1)
+        self._last_ms = now_ms
         try:
             metrics = self.source.metrics()
         except Exception as e:  # a broken collector must not stop rules or app metrics
