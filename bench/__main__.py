@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from bench import connections, registry
+from bench import agent, connections, ingest, registry
 from bench.common import BENCH_ORDER, ROOT, finish, print_result, write_docs
 
 
@@ -34,10 +34,14 @@ def main(argv: list[str] | None = None) -> None:
                 if a.devices:
                     args += ["--devices", str(a.devices)]
                 result = connections.main_result(args)
-            else:
+            elif name == "registry":
                 if a.registry_devices:
                     args += ["--devices", str(a.registry_devices)]
                 result = registry.main_result(args)
+            elif name == "ingest":
+                result = ingest.main_result(args)
+            else:
+                result = agent.main_result(args)
         except Exception as exc:  # one failing benchmark must not hide the others' figures
             print(f"bench {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             failed.append(name)

@@ -41,7 +41,7 @@ DOCS_FILE = ROOT / "docs" / "benchmarks.md"
 PY = sys.executable
 
 #: the order sections appear in the docs
-BENCH_ORDER = ("connections", "registry")
+BENCH_ORDER = ("connections", "registry", "ingest", "agent")
 
 
 # --- processes and limits -----------------------------------------------------------------
@@ -120,10 +120,12 @@ def tail(path: Path, chars: int = 3000) -> str:
 
 @dataclass
 class CorralServer:
-    """A real ``corral server`` process on SQLite in ``workdir`` (as ``tests/conftest.py`` starts it)."""
+    """A real ``corral server`` process on SQLite in ``workdir`` (as ``tests/conftest.py`` starts it),
+    or on the database ``db_url`` names (``corral server init --db``; the server finds it again)."""
 
     workdir: Path
     extra_args: list[str] = field(default_factory=list)
+    db_url: str = ""
     port: int = 0
     token: str = ""
     proc: subprocess.Popen[bytes] | None = None
@@ -152,7 +154,8 @@ class CorralServer:
     def init(self) -> dict[str, Any]:
         """``corral server init --json``: schema, keys and the admin; keeps the API token."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run([PY, "-m", "corral", "server", "init", "--data-dir", str(self.data_dir), "--json"],
+        db = ["--db", self.db_url] if self.db_url else []
+        out = subprocess.run([PY, "-m", "corral", "server", "init", "--data-dir", str(self.data_dir), *db, "--json"],
                              capture_output=True, text=True, timeout=120, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"corral server init failed: {out.stderr.strip()}")
@@ -306,6 +309,8 @@ def load_results() -> dict[str, dict[str, Any]]:
 def fmt(v: float | None, unit: str = "") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
+    if isinstance(v, int) and not isinstance(v, bool):  # a count: no decimals
+        return f"{v:,} {unit}".strip() if unit else f"{v:,}"
     if abs(v) >= 1000:
         s = f"{v:,.0f}"
     elif abs(v) >= 100:
@@ -365,7 +370,7 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
         "(each section says when and with which parameters it ran). Every figure is measured",
         "beside a **reference measured in the same run on the same machine**, so the ratio",
         "(Corral ÷ reference) says what Corral's own layers cost, whatever the machine. The goals come",
-        "from the foundation issue.",
+        "from the issues (foundation, monitoring).",
         "",
         "_This file is rewritten by the benchmarks (`bench/common.py` renders it from",
         "`bench/results/*.json`); edit the code, not the file._",
@@ -423,6 +428,8 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
         ".venv/bin/python -m bench --quick                 # smoke run of everything (small N)",
         ".venv/bin/python -m bench.connections --devices 1000",
         ".venv/bin/python -m bench.registry --devices 100000",
+        ".venv/bin/python -m bench.ingest --agents 600 --clients 2   # SQLite, then PostgreSQL on 127.0.0.1:5432",
+        ".venv/bin/python -m bench.agent --window 60",
         "```",
         "",
         "Each run writes its raw figures (all percentiles, timings per phase) to",
