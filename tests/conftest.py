@@ -236,6 +236,20 @@ def server_on(engine: str, tmp_path: Path, extra: list[str] | None = None,
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database on each engine, for in-process store tests."""
+    from corral.server.store import migrate
+
+    url = make_pg_database() if request.param == "postgresql" else f"sqlite:///{tmp_path / 'store.db'}"
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        if request.param == "postgresql":
+            drop_pg_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerProc]:
     """The same server on each database engine."""
     yield from server_on(request.param, tmp_path)

@@ -5,32 +5,17 @@ rollups are built from minute rollups, and retention deletes by age per resoluti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import text
 
 from corral.core.ingest import CleanBatch
 from corral.server.config import Retention
-from corral.server.store import migrate
 from corral.server.store.db import create_engine, is_sqlite, session_factory
 from corral.server.tsdb import HOUR_MS, MINUTE_MS, TimeSeriesStore
-from tests.conftest import drop_pg_database, make_pg_database
 
 DEV = "d" * 32
 T0 = 1_800_000_000_000 - (1_800_000_000_000 % HOUR_MS)  # an hour edge, epoch ms
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    url = make_pg_database() if request.param == "postgresql" else f"sqlite:///{tmp_path / 'ts.db'}"
-    try:
-        migrate.upgrade(url)
-        yield url
-    finally:
-        if request.param == "postgresql":
-            drop_pg_database(url)
 
 
 def batch(points: list[tuple[str, int, float]]) -> CleanBatch:

@@ -22,21 +22,9 @@ from corral.server.store import migrate
 from corral.server.store.db import create_engine, is_sqlite, session_factory
 from corral.server.store.models import Webhook, WebhookDelivery
 from corral.server.webhooks import WebhookDispatcher, enqueue
-from tests.conftest import drop_pg_database, make_pg_database
 from tests.integration.webhook_receiver import Receiver
 
 FAST = {"retry_scale": 0.001, "poll_interval": 0.2}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    url = make_pg_database() if request.param == "postgresql" else f"sqlite:///{tmp_path / 'hooks.db'}"
-    try:
-        migrate.upgrade(url)
-        yield url
-    finally:
-        if request.param == "postgresql":
-            drop_pg_database(url)
 
 
 @pytest.fixture
