@@ -13,10 +13,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from tests.integration.webhook_receiver import Receiver
 
 PG_ADMIN_URL = os.environ.get("CORRAL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -303,3 +306,15 @@ def agents() -> Iterator[list[AgentProc]]:
     yield started
     for a in started:
         a.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on 127.0.0.1 in the test process (tests/integration/webhook_receiver.py)."""
+    from tests.integration.webhook_receiver import Receiver
+
+    r = Receiver().start()
+    try:
+        yield r
+    finally:
+        r.stop()

@@ -35,9 +35,6 @@ class Monitor:
             asyncio.create_task(self._every(m.alert_interval, self.alerts_once, "alerts"), name="corral-alerts"),
         ]
 
-    def add_job(self, period: float, job: Callable[[], Awaitable[object]], what: str) -> None:
-        self._tasks.append(asyncio.create_task(self._every(period, job, what), name=f"corral-{what}"))
-
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()

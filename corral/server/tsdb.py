@@ -187,10 +187,6 @@ class TimeSeriesStore:
         self._metric_ids.update(new.metrics)
         self._series_ids.update(new.series)
 
-    def forget_device(self, device_id: str) -> None:
-        for k in [k for k in self._series_ids if k[0] == device_id]:
-            del self._series_ids[k]
-
     async def _series_for(self, conn: AsyncConnection, device_id: str, names: Iterable[str],
                           new: NewIds) -> dict[str, int]:
         ids: dict[str, int] = {}

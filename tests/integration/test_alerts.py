@@ -25,13 +25,6 @@ def server(tmp_path: Path) -> Any:
     s.stop()
 
 
-@pytest.fixture
-def receiver() -> Any:
-    r = Receiver().start()
-    yield r
-    r.stop()
-
-
 def subscribe(server: ServerProc, receiver: Receiver) -> str:
     r = server.api("POST", "/webhooks", json={"url": receiver.url, "events": ["alert.*"]})
     assert r.status_code == 201, r.text

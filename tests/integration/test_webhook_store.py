@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,6 @@ FAST = {"retry_scale": 0.001, "poll_interval": 0.2}
 def pg_db_url(pg_url: str) -> str:
     migrate.upgrade(pg_url)
     return pg_url
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def make_ctx(url: str, tmp: Path, **settings: Any) -> ServerContext:

@@ -44,15 +44,6 @@ def quick_giveup_server(request: pytest.FixtureRequest, tmp_path: Path, monkeypa
     yield from _start(request, tmp_path, monkeypatch, "0.0001")
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    try:
-        yield r
-    finally:
-        r.stop()
-
-
 def create_hook(s: ServerProc, url: str, events: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     r = s.api("POST", "/webhooks", json={"url": url, "events": events or ["alert.*"], **extra})
     assert r.status_code == 201, r.text

@@ -83,7 +83,7 @@ def _split_for(expr: str) -> tuple[str, float]:
     return expr.strip(), parse_condition(expr).for_s
 
 
-async def _get(ctx: Any, db: Any, ref: str) -> DeviceRule:
+async def _get(db: Any, ref: str) -> DeviceRule:
     r = await db.get(DeviceRule, ref)
     if r is None:
         r = await db.scalar(select(DeviceRule).where(DeviceRule.name == ref))
@@ -152,7 +152,7 @@ async def list_rules(ctx: Ctx, _: Viewer, paging: Paging) -> RulePage:
 async def show_rule(ref: str, ctx: Ctx, _: Viewer,
                     refused_limit: Annotated[int, Query(ge=0, le=1000)] = 100) -> RuleOut:
     async with ctx.reader() as db:
-        r = await _get(ctx, db, ref)
+        r = await _get(db, ref)
         out = rule_view(r)
         # which rule-set versions contain this rule: compute from the current rule set
         ruleset = await rules_store.load(db)
@@ -178,7 +178,7 @@ async def show_rule(ref: str, ctx: Ctx, _: Viewer,
 @router.patch("/rules/{ref}", response_model=RuleOut, summary="Enable or disable a rule")
 async def patch_rule(ref: str, body: RulePatch, ctx: Ctx, who: Operator, request: Request) -> RuleOut:
     async with ctx.writer() as db:
-        r = await _get(ctx, db, ref)
+        r = await _get(db, ref)
         _need_admin_for(who, r.mode, r.kind)
         if body.enabled is not None and body.enabled != r.enabled:
             r.enabled = body.enabled
@@ -193,7 +193,7 @@ async def patch_rule(ref: str, body: RulePatch, ctx: Ctx, who: Operator, request
 @router.delete("/rules/{ref}", status_code=204, summary="Delete a rule (devices drop it)")
 async def delete_rule(ref: str, ctx: Ctx, who: Operator, request: Request) -> Response:
     async with ctx.writer() as db:
-        r = await _get(ctx, db, ref)
+        r = await _get(db, ref)
         _need_admin_for(who, r.mode, r.kind)
         await db.delete(r)
         await ctx.audit(db, who, "rule.delete", r.name, {"id": r.id}, rid(request))
