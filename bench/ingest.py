@@ -32,11 +32,12 @@ What it does, in one run, once per database (SQLite, the default; then PostgreSQ
    acked (not duplicate, minus rejected). They must be equal, or the run fails.
 4. **Reference** (same run, same machine, after the Corral runs): the rows of the reported
    window, shaped like the server's (series ids 1..S = agents × metrics, one timestamp per
-   batch, increasing per series), inserted with the server's own statement (``INSERT … ON
-   CONFLICT (series_id, ts) DO NOTHING``) into a fresh table with the same definition (created
-   from the server's model: ``WITHOUT ROWID``, primary key (series_id, ts)), after as many rows
-   as the server's table held when the window began were inserted untimed (a table clustered by
-   series gets slower to insert into as it grows, so the two are compared at the same size):
+   batch, increasing per series), inserted row by row (``INSERT … VALUES (?, ?, ?) ON
+   CONFLICT (series_id, ts) DO NOTHING``, the server's conflict clause) into a fresh table with
+   the same definition (created from the server's model: ``WITHOUT ROWID``, primary key
+   (series_id, ts)), after as many rows as the server's table held when the window began were
+   inserted untimed (a table clustered by series gets slower to insert into as it grows, so the
+   two are compared at the same size):
    SQLite through Python's ``sqlite3`` ``executemany`` (WAL, ``synchronous=NORMAL``, as the
    server), PostgreSQL through ``asyncpg`` ``executemany`` (the untimed rows by
    ``copy_records_to_table``); one ``executemany`` per batch of the agents' size, a commit every
@@ -590,9 +591,12 @@ def _ddl(dialect: str) -> str:
 
 
 def _insert_sql(postgres: bool) -> str:
-    from corral.server.tsdb import TimeSeriesStore
+    """The plain row-at-a-time insert with the server's conflict clause (the server itself sends
+    all of a flush's points in one statement; the reference is the textbook ``executemany``)."""
+    from corral.server.tsdb import driver_sql
 
-    return TimeSeriesStore(postgres)._sql_points  # the server's own statement
+    return driver_sql("INSERT INTO points (series_id, ts, value) VALUES (?, ?, ?)"
+                      " ON CONFLICT (series_id, ts) DO NOTHING", postgres)
 
 
 def _batches(rows: int, agents: int, per_batch: int, interval_ms: int, first_round: int = 0) -> Any:
@@ -831,7 +835,7 @@ def report(result: dict[str, Any]) -> None:
         "/api/v1/metrics/query?agg=count` over every metric, 1-minute step: rollups plus raw) must equal the "
         "points the agents saw acked. **Reference**, after the Corral runs: the rows of that window, shaped like "
         "the server's (series 1..agents × metrics, one timestamp per batch, increasing per series), inserted "
-        "with the server's statement (`INSERT … ON CONFLICT (series_id, ts) DO NOTHING`) into a fresh table "
+        "row by row (`INSERT … VALUES (?, ?, ?) ON CONFLICT (series_id, ts) DO NOTHING`) into a fresh table "
         "created from the server's model (`WITHOUT ROWID`, PK (series_id, ts)) that first receives, untimed, as "
         "many rows as the server had stored when the window began (inserting into a table clustered by series "
         "slows as it grows): SQLite via Python `sqlite3` `executemany` (WAL, `synchronous=NORMAL`, default "

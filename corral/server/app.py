@@ -76,7 +76,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         webhook_dispatcher.start()
         ctx.tsdb = TimeSeriesStore(postgres=not ctx.sqlite,
                                    max_series_per_device=config.monitoring.max_series_per_device)
-        ctx.telemetry = TelemetryWriter(ctx)
+        ctx.telemetry = TelemetryWriter(ctx, flushers=1 if ctx.sqlite else ctx.config.monitoring.postgres_flushers)
         ctx.telemetry.start()
         ctx.hub = Hub(ctx)
         app.state.ctx = ctx

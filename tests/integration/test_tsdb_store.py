@@ -176,3 +176,60 @@ def test_telemetry_writer_stores_many_devices_together_and_isolates_a_failure(db
             await engine.dispose()
 
     asyncio.run(go())
+
+
+def test_each_minute_is_rolled_up_once_unless_late_data_reaches_back(db_url: str) -> None:
+    """A run rolls up the minutes completed since the previous one; a run with no newly complete
+    minute and no late data has nothing to do, however much live data arrived."""
+
+    async def go() -> None:
+        engine = create_engine(db_url)
+        sessions = session_factory(engine)
+        store = TimeSeriesStore(postgres=not is_sqlite(db_url))
+        try:
+            async with sessions() as db, db.begin():
+                await db.execute(text("INSERT INTO devices (id, public_key, status, created_at, updated_at, online,"
+                                      " inventory) VALUES (:id, :pk, 'accepted', 0, 0, false, '{}')"),
+                                 {"id": DEV, "pk": b"k" * 32})
+            seq = 0
+
+            async def live(t_ms: int, received_ms: int | None = None) -> None:  # one point
+                nonlocal seq
+                seq += 1
+                async with sessions() as db, db.begin():
+                    _, new = await store.ingest(db, DEV, seq, batch([("cpu", t_ms, float(t_ms))]), None,
+                                                (received_ms or t_ms) / 1000)
+                store.remember(new)
+
+            async def plan(now_ms: int) -> tuple[list[tuple[str, int, int]], dict[str, int]]:
+                async with sessions() as db, db.begin():
+                    p = await store.rollup_plan(db, now_ms / 1000, chunk=1000)
+                    assert p is not None
+                    for step in p.steps:
+                        await store.rollup_step(db, step)
+                    await store.rollup_finish(db, p)
+                return [(s.kind, s.lo, s.hi) for s in p.steps], p.stats
+
+            for k in range(30):  # minutes 10..14 of the hour, every 10 s
+                await live(T0 + 10 * MINUTE_MS + k * 10_000)
+            # a minute is complete once a whole minute has passed after it (and 2 s to settle)
+            steps, _ = await plan(T0 + 15 * MINUTE_MS + 30_000)
+            assert steps == [("1m", T0 + 10 * MINUTE_MS, T0 + 14 * MINUTE_MS)]
+            await live(T0 + 15 * MINUTE_MS + 31_000)  # live data in the current minute
+            steps, stats = await plan(T0 + 15 * MINUTE_MS + 40_000)
+            assert steps == [] and stats["late_devices"] == 0
+            steps, stats = await plan(T0 + 16 * MINUTE_MS + 10_000)  # minute 14 is now complete
+            assert steps == [("1m", T0 + 14 * MINUTE_MS, T0 + 15 * MINUTE_MS)] and stats["minutes"] == 1
+            # late: received now, measured in a minute rolled up already
+            await live(T0 + 11 * MINUTE_MS + 5_000, received_ms=T0 + 16 * MINUTE_MS + 12_000)
+            steps, stats = await plan(T0 + 16 * MINUTE_MS + 20_000)
+            assert stats["late_devices"] == 1
+            assert ("1m", T0 + 11 * MINUTE_MS, T0 + 15 * MINUTE_MS) in steps
+            async with sessions() as db:
+                got = (await db.execute(text(
+                    f"SELECT count FROM rollup_1m WHERE bucket = {T0 + 11 * MINUTE_MS}"))).scalar()
+            assert got == 7
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
