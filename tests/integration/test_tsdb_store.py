@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 
@@ -23,16 +24,23 @@ def batch(points: list[tuple[str, int, float]]) -> CleanBatch:
     return CleanBatch(points=points, min_ts=min(ts), max_ts=max(ts))
 
 
+def open_store(db_url: str) -> tuple[Any, Any, TimeSeriesStore]:
+    engine = create_engine(db_url)
+    return engine, session_factory(engine), TimeSeriesStore(postgres=not is_sqlite(db_url))
+
+
+async def add_device(sessions: Any, device_id: str) -> None:
+    async with sessions() as db, db.begin():
+        await db.execute(text("INSERT INTO devices (id, public_key, status, created_at, updated_at, online,"
+                              " inventory) VALUES (:id, :pk, 'accepted', 0, 0, false, '{}')"),
+                         {"id": device_id, "pk": device_id.encode()[:32]})
+
+
 def test_ingest_rollup_backfill_and_retention(db_url: str) -> None:
     async def go() -> None:
-        engine = create_engine(db_url)
-        sessions = session_factory(engine)
-        store = TimeSeriesStore(postgres=not is_sqlite(db_url))
+        engine, sessions, store = open_store(db_url)
         try:
-            async with sessions() as db, db.begin():
-                await db.execute(text("INSERT INTO devices (id, public_key, status, created_at, updated_at, online,"
-                                      " inventory) VALUES (:id, :pk, 'accepted', 0, 0, false, '{}')"),
-                                 {"id": DEV, "pk": b"k" * 32})
+            await add_device(sessions, DEV)
 
             async def ingest(seq: int, pts: list[tuple[str, int, float]], received: float) -> bool:
                 async with sessions() as db, db.begin():
@@ -93,11 +101,8 @@ def test_chunked_rollup_in_short_transactions_equals_one_transaction(db_url: str
         sessions = session_factory(engine)
         store = TimeSeriesStore(postgres=not is_sqlite(db_url))
         try:
-            async with sessions() as db, db.begin():
-                for i in range(3):
-                    await db.execute(text("INSERT INTO devices (id, public_key, status, created_at, updated_at,"
-                                          " online, inventory) VALUES (:id, :pk, 'accepted', 0, 0, false, '{}')"),
-                                     {"id": f"{i}" * 32, "pk": bytes([i]) * 32})
+            for i in range(3):
+                await add_device(sessions, f"{i}" * 32)
             for i in range(3):
                 async with sessions() as db, db.begin():
                     pts = [(f"m{k}", T0 + j * 10_000, float(i * 100 + j)) for k in range(4) for j in range(90)]
@@ -183,14 +188,9 @@ def test_each_minute_is_rolled_up_once_unless_late_data_reaches_back(db_url: str
     minute and no late data has nothing to do, however much live data arrived."""
 
     async def go() -> None:
-        engine = create_engine(db_url)
-        sessions = session_factory(engine)
-        store = TimeSeriesStore(postgres=not is_sqlite(db_url))
+        engine, sessions, store = open_store(db_url)
         try:
-            async with sessions() as db, db.begin():
-                await db.execute(text("INSERT INTO devices (id, public_key, status, created_at, updated_at, online,"
-                                      " inventory) VALUES (:id, :pk, 'accepted', 0, 0, false, '{}')"),
-                                 {"id": DEV, "pk": b"k" * 32})
+            await add_device(sessions, DEV)
             seq = 0
 
             async def live(t_ms: int, received_ms: int | None = None) -> None:  # one point
