@@ -83,6 +83,43 @@ def test_a_non_ed25519_key_is_refused(tmp_path: Path) -> None:
         Identity.load_or_create(state)
 
 
+def test_a_key_written_by_cryptography_loads_and_ours_loads_there(tmp_path: Path) -> None:
+    """The key file is plain PKCS#8 (RFC 8410): keys from earlier agents, which wrote it with
+    the ``cryptography`` package, keep their identity, and ours are readable by other tools."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    theirs = Ed25519PrivateKey.generate()
+    state = tmp_path / "s"
+    state.mkdir(mode=0o700)
+    (state / "device.key").write_bytes(theirs.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (state / "device.key").chmod(0o600)
+    ident = Identity.load_or_create(state)
+    assert ident.public_key_raw == theirs.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    ours = Identity.load_or_create(tmp_path / "o")
+    loaded = serialization.load_pem_private_key((tmp_path / "o" / "device.key").read_bytes(), password=None)
+    assert isinstance(loaded, Ed25519PrivateKey)
+    assert loaded.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == \
+        ours.public_key_raw
+
+
+@pytest.mark.parametrize("content", [
+    b"-----BEGIN PRIVATE KEY-----\n!!!!\n-----END PRIVATE KEY-----\n",  # not base64
+    b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",  # not DER
+    b"-----BEGIN PRIVATE KEY-----\n",  # truncated
+    b"",
+])
+def test_malformed_pem_is_refused_with_a_reason(tmp_path: Path, content: bytes) -> None:
+    state = tmp_path / "s"
+    state.mkdir(mode=0o700)
+    (state / "device.key").write_bytes(content)
+    with pytest.raises(InvalidInput, match="not a readable PEM private key"):
+        Identity.load_or_create(state)
+    assert (state / "device.key").read_bytes() == content
+
+
 def test_creating_loses_to_a_key_created_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two agents starting at once on one state dir must end up with one identity."""
     state = tmp_path / "s"
