@@ -350,7 +350,8 @@ def _sim_client(a: argparse.Namespace) -> int:
     rate = a.start_rate if a.in_flight == 0 else 1e6  # closed loop: the gate sets the pace
     return run_until_signalled(lambda stop: run_sim(
         a.server, [a.token], a.devices, Path(a.state_dir), ["rpi4", "imx8mm"], a.seed, stop,
-        start_rate=rate, max_connecting=a.in_flight, summary_interval=5.0))
+        start_rate=rate, max_connecting=a.in_flight, summary_interval=5.0,
+        telemetry_interval=a.telemetry_interval))
 
 
 async def _fan_out(server: CorralServer, ids: list[str]) -> tuple[float, int, int]:
@@ -386,7 +387,8 @@ def _succeeded(db_path: Path, since: float) -> tuple[int, float | None]:
         con.close()
 
 
-def run_corral(tmp: Path, n: int, clients: int, in_flight: int, open_loop_rate: float, sample_size: int,
+def run_corral(tmp: Path, n: int, clients: int, in_flight: int, open_loop_rate: float, telemetry_interval: float,
+               sample_size: int,
                timeout: float, seed: int) -> dict[str, Any]:
     server = CorralServer(tmp / "corral")
     server.init()
@@ -407,7 +409,8 @@ def run_corral(tmp: Path, n: int, clients: int, in_flight: int, open_loop_rate: 
             procs.append(_spawn(["--role", "sim-client", "--server", server.url, "--token", token, "--devices",
                                  str(share), "--state-dir", str(tmp / f"sim-{k}"), "--seed", str(k + 1),
                                  "--start-rate", str(open_loop_rate / clients),
-                                 "--in-flight", str(0 if open_loop_rate else max(1, in_flight // clients))],
+                                 "--in-flight", str(0 if open_loop_rate else max(1, in_flight // clients)),
+                                 "--telemetry-interval", str(telemetry_interval)],
                                 logs[k]))
         t_start = _started_at(procs, logs)
 
@@ -498,12 +501,13 @@ def run_corral(tmp: Path, n: int, clients: int, in_flight: int, open_loop_rate: 
 
 
 def run(n: int, clients: int, in_flight: int, sample_size: int, quick: bool,
-        skip_reference: bool = False, open_loop_rate: float = 0.0, keep: bool = False, seed: int = 7
-        ) -> dict[str, Any]:
+        skip_reference: bool = False, open_loop_rate: float = 0.0, keep: bool = False, seed: int = 7,
+        telemetry_interval: float = 0.0) -> dict[str, Any]:
     nofile = raise_nofile()
     if nofile < n + 1024:
         raise SystemExit(f"the open-file limit is {nofile}; {n} connections need at least {n + 1024}")
-    params: dict[str, Any] = {"devices": n, "client_processes": clients, "rtt_sample": sample_size}
+    params: dict[str, Any] = {"devices": n, "client_processes": clients, "rtt_sample": sample_size,
+                              "telemetry_interval_s": telemetry_interval}
     if open_loop_rate:
         params["open_loop_connect_rate"] = open_loop_rate
     else:
@@ -523,7 +527,13 @@ def run(n: int, clients: int, in_flight: int, sample_size: int, quick: bool,
         "random sample; the reference relays a frame control socket → server → device socket → echo "
         "→ server → control socket. *Fan-out* = one `ping` to every device (one `POST /api/v1/commands` "
         "with all the device ids) until the last one is `succeeded`; the reference sends one frame to "
-        "every socket and waits for all echoes."
+        "every socket and waits for all echoes. "
+        + ("The agents send no telemetry (`--telemetry-interval 0`, the default here): the figures are the "
+           "cost of connections, as the reference's; what monitoring adds per device is measured by "
+           "`bench/ingest` and with `--telemetry-interval 10`."
+           if not telemetry_interval else
+           f"The agents send telemetry every {telemetry_interval:g} s (the SimPlatform's metrics), so the "
+           "server's figures include ingesting and storing it.")
     )
     timeout = max(120.0, n / 20)
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-conn-"))
@@ -549,7 +559,7 @@ def run(n: int, clients: int, in_flight: int, sample_size: int, quick: bool,
               f"{ref['rss_per_conn'] / 1024:.1f} KiB/conn, rtt p99 {ref['rtt_ms']['p99']:.2f} ms, "
               f"broadcast {ref['broadcast_s'] * 1000:.0f} ms", flush=True)
     try:
-        cor = run_corral(tmp, n, clients, in_flight, open_loop_rate, sample_size, timeout, seed)
+        cor = run_corral(tmp, n, clients, in_flight, open_loop_rate, telemetry_interval, sample_size, timeout, seed)
     except BaseException:
         print(f"connections: server log (tail):\n{tail(tmp / 'corral' / 'server.log')}", file=sys.stderr)
         raise
@@ -627,6 +637,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--open-loop-rate", type=float, default=0.0,
                     help="instead: start agents with run_sim as a Poisson process at this rate (/s, all clients)")
     ap.add_argument("--sample", type=int, default=200, help="devices in the round-trip sample")
+    ap.add_argument("--telemetry-interval", type=float, default=0.0,
+                    help="seconds between the agents' telemetry batches (0, the default: none)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database, device keys)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 200 devices, 1 client, 30 samples")
@@ -650,7 +662,7 @@ def main_result(argv: list[str] | None = None) -> dict[str, Any]:
     if a.quick:
         a.devices, a.clients, a.sample = min(a.devices, 200), 1, min(a.sample, 30)
     return run(a.devices, a.clients, a.in_flight, a.sample, a.quick, a.skip_reference,
-               a.open_loop_rate, a.keep)
+               a.open_loop_rate, a.keep, telemetry_interval=a.telemetry_interval)
 
 
 def main(argv: list[str] | None = None) -> None:

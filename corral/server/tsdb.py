@@ -191,11 +191,12 @@ class TimeSeriesStore:
             return stored, new
         rows: list[tuple[int, int, float]] = []
         for i in fresh:
-            if i.rows is None and i.batch.points:
-                ids = await self._series_for(conn, i.device_id, {n for n, _, _ in i.batch.points}, new)
-                i.rows = [(ids[n], ts, v) for n, ts, v in i.batch.points]
-            if i.rows:
+            if i.rows is not None:
                 rows.extend(i.rows)
+            elif i.batch.points:
+                # not kept on the item: ids created here are void if this transaction rolls back
+                ids = await self._series_for(conn, i.device_id, {n for n, _, _ in i.batch.points}, new)
+                rows.extend((ids[n], ts, v) for n, ts, v in i.batch.points)
         if rows:
             await conn.exec_driver_sql(self._sql_points, self._points_params(rows))
         events = [(i.device_id, e.ts, e.severity, e.source, e.message, json.dumps(e.attrs), i.now)
