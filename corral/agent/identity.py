@@ -61,7 +61,8 @@ def key_from_pem(data: bytes) -> SigningKey:
     """The Ed25519 key of a PKCS#8 PEM file; :class:`KeyFormatError` says what is wrong."""
     text = data.strip()
     if b"-----BEGIN " in text and b" PRIVATE KEY-----" in text and not text.startswith(_PEM_BEGIN):
-        raise KeyFormatError("not an Ed25519 key")  # e.g. BEGIN EC PRIVATE KEY, BEGIN RSA PRIVATE KEY
+        # BEGIN EC / RSA / OPENSSH / ENCRYPTED PRIVATE KEY: another algorithm, format or a passphrase
+        raise KeyFormatError("not an unencrypted PKCS#8 Ed25519 key (BEGIN PRIVATE KEY)")
     if not (text.startswith(_PEM_BEGIN) and text.endswith(_PEM_END)):
         raise KeyFormatError("not a readable PEM private key")
     try:

@@ -120,6 +120,16 @@ def test_malformed_pem_is_refused_with_a_reason(tmp_path: Path, content: bytes) 
     assert (state / "device.key").read_bytes() == content
 
 
+@pytest.mark.parametrize("label", [b"EC", b"RSA", b"OPENSSH", b"ENCRYPTED"])
+def test_other_key_formats_are_refused_by_name(tmp_path: Path, label: bytes) -> None:
+    state = tmp_path / "s"
+    state.mkdir(mode=0o700)
+    (state / "device.key").write_bytes(b"-----BEGIN %s PRIVATE KEY-----\nAAAA\n-----END %s PRIVATE KEY-----\n"
+                                       % (label, label))
+    with pytest.raises(InvalidInput, match=r"not an unencrypted PKCS#8 Ed25519 key"):
+        Identity.load_or_create(state)
+
+
 def test_creating_loses_to_a_key_created_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two agents starting at once on one state dir must end up with one identity."""
     state = tmp_path / "s"
