@@ -120,14 +120,9 @@ def _client(a: argparse.Namespace) -> int:
     import logging
 
     from corral.agent.config import config_from_dict
-    from corral.agent.connection import Agent
-    from corral.agent.identity import Identity, StateStore
-    from corral.agent.platform.sim import SimPlatform, sim_hostname
-    from corral.agent.rules import AgentRules
     from corral.agent.telemetry.pump import TelemetryPump
-    from corral.agent.telemetry.spool import MemorySpool, SpoolLimits
     from corral.protocol import Telemetry, TelemetryAck
-    from corral.sim.runner import SIM_SPOOL_BYTES, SimFleet
+    from corral.sim.runner import SimFleet
 
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("corral").setLevel(logging.WARNING)
@@ -211,28 +206,14 @@ def _client(a: argparse.Namespace) -> int:
     n, k, kk = a.agents, a.index, a.clients
 
     class Fleet(SimFleet):
-        async def _run_device(self, i: int) -> Any:
-            # as corral.sim.runner.SimFleet._run_device, with the timed pump and the app metrics
-            device_dir = self.state_dir / sim_hostname(i)
-            identity, store = await asyncio.to_thread(
-                lambda: (Identity.load_or_create(device_dir), StateStore(device_dir)))
-            platform = SimPlatform(i, self.seed, self.models, boot_delay=self.boot_delay, rng=self.rng)
-            token = self.tokens[i % len(self.tokens)] if self.tokens else None
-            cfg = self.config
-            tag = identity.device_id[:12]
-            rules = AgentRules(platform, cfg.rules, device_dir, tag)
-            await asyncio.to_thread(rules.load)
-            t = cfg.telemetry
-            spool = MemorySpool(SpoolLimits(max_bytes=min(t.spool_max_bytes, SIM_SPOOL_BYTES),
-                                            max_batches=t.spool_max_batches))
-            pump = TimedPump(platform, spool, interval=t.interval, send_window=t.send_window, rules=rules,
+        def _make_pump(self, i: int, platform: Any, rules: Any, tag: str) -> TelemetryPump:
+            # the timed pump, with the app metrics, at this device's phase of the interval
+            t = self.config.telemetry
+            pump = TimedPump(platform, self._spool(), interval=t.interval, send_window=t.send_window, rules=rules,
                              app=AppMetrics(a.app_metrics), blocking_spool=False, tag=tag,
                              phase=((i + k / kk) / n) % 1.0)
             pumps.append(pump)
-            agent = Agent(cfg, identity, platform, store=store, rng=self.rng, enroll_token=token, telemetry=pump,
-                          rules=rules)
-            self.agents[i] = agent
-            return await agent.run()
+            return pump
 
     def ready(fleet: SimFleet) -> int:
         return sum(1 for ag in fleet.agents if ag is not None and ag.connected and ag.status == "accepted"

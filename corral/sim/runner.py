@@ -139,19 +139,24 @@ class SimFleet:
         tag = identity.device_id[:12]
         rules = AgentRules(platform, cfg.rules, device_dir, tag)
         await asyncio.to_thread(rules.load)
-        pump = None
-        if cfg.telemetry.enabled:
-            # The agent's own pump, rules and spool semantics; the spool is in memory (thousands
-            # of simulated devices must not fsync) and bounded lower than a real device's.
-            t = cfg.telemetry
-            spool = MemorySpool(SpoolLimits(max_bytes=min(t.spool_max_bytes, SIM_SPOOL_BYTES),
-                                            max_batches=t.spool_max_batches))
-            pump = TelemetryPump(platform, spool, interval=t.interval, send_window=t.send_window, rules=rules,
-                                 blocking_spool=False, tag=tag)
+        pump = self._make_pump(i, platform, rules, tag) if cfg.telemetry.enabled else None
         agent = Agent(cfg, identity, platform, store=store, rng=self.rng, enroll_token=token, telemetry=pump,
                       rules=rules)
         self.agents[i] = agent
         return await agent.run()
+
+    def _make_pump(self, i: int, platform: SimPlatform, rules: AgentRules, tag: str) -> TelemetryPump:
+        """Device ``i``'s telemetry pump (a benchmark overrides this to time its batches)."""
+        t = self.config.telemetry
+        return TelemetryPump(platform, self._spool(), interval=t.interval, send_window=t.send_window, rules=rules,
+                             blocking_spool=False, tag=tag)
+
+    def _spool(self) -> MemorySpool:
+        """The agent's spool semantics, in memory (thousands of simulated devices must not fsync)
+        and bounded lower than a real device's."""
+        t = self.config.telemetry
+        return MemorySpool(SpoolLimits(max_bytes=min(t.spool_max_bytes, SIM_SPOOL_BYTES),
+                                       max_batches=t.spool_max_batches))
 
     def _ended(self, task: asyncio.Task[Outcome]) -> None:
         self.tasks.discard(task)
