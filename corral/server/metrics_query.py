@@ -141,15 +141,16 @@ def _segment(source: str, q: MetricQuery, metric_id: int, scope: ColumnElement[b
     if q.by and q.by != "device":
         dt = DeviceTag.__table__
         j = j.outerjoin(dt, and_(dt.c.device_id == s.c.device_id, dt.c.key == q.by[4:]))
-    conds = [s.c.metric_id == metric_id, ts >= lo, ts < hi]
+    which = [s.c.metric_id == metric_id]  # the series read
     if scope is not None:
-        conds.append(s.c.device_id.in_(select(Device.id).where(scope)))
+        which.append(s.c.device_id.in_(select(Device.id).where(scope)))
+    conds = [*which, ts >= lo, ts < hi]
     if postgres:
         # The series ids as one array computed first, so that they and the time range are both
         # conditions of the (series_id, ts) index. As a join, PostgreSQL's estimate favours
         # reading the whole table when many series match (measured: 279 ms → 25 ms for 600
         # devices over 1.8 M points).
-        ids = select(func.array_agg(s.c.id)).where(*conds[:1], *conds[3:]).scalar_subquery()
+        ids = select(func.array_agg(s.c.id)).where(*which).scalar_subquery()
         conds.append(t.c.series_id == any_(cast(ids, ARRAY(Integer))))  # the cast: ANY(array), not ANY(subquery)
     stmt = select(*cols).select_from(j).where(*conds)
     if not values_only:

@@ -332,7 +332,8 @@ class TimeSeriesStore:
             plan.steps += [RollupStep("1m", "", {}, start, c1m, c) for c in chunks]
             plan.stats["minutes"] = (c1m - start) // MINUTE_MS
         recent_from = int(now * 1000) - recent_ms
-        recent = [(d, lo, hi) for d, lo, hi in late if lo >= recent_from]
+        recent = [r for r in late if r[1] >= recent_from]
+        backfill = [r for r in late if r[1] < recent_from]
         if recent:  # a short gap, as after a reconnect: one statement for all those devices
             lo = _floor(min(r[1] for r in recent), MINUTE_MS)
             devices = ("SELECT device_id FROM telemetry_batches WHERE received_at > :wm AND received_at <= :cut"
@@ -341,9 +342,7 @@ class TimeSeriesStore:
             plan.steps += [RollupStep("1m", devices, params, lo, start, c) for c in chunks]
             if lo < c1h:
                 plan.steps += [RollupStep("1h", devices, params, _floor(lo, HOUR_MS), c1h, c) for c in chunks]
-        for d, lo, hi in late:  # backfill from long ago: device by device, its own range
-            if lo >= recent_from:
-                continue
+        for d, lo, hi in backfill:  # from long ago: device by device, its own range
             lo, hi = _floor(lo, MINUTE_MS), min(start, _floor(hi, MINUTE_MS) + MINUTE_MS)
             plan.steps.append(RollupStep("1m", "SELECT :dev", {"dev": d}, lo, hi))
             if lo < c1h:
