@@ -69,8 +69,9 @@ def key_from_pem(data: bytes) -> SigningKey:
         der = base64.b64decode(b"".join(text[len(_PEM_BEGIN):-len(_PEM_END)].split()), validate=True)
     except (binascii.Error, ValueError):
         raise KeyFormatError("not a readable PEM private key") from None
-    if len(der) == 48 and der.startswith(_PKCS8_ED25519_PREFIX):
-        return SigningKey(der[16:])
+    seed = der[len(_PKCS8_ED25519_PREFIX):]
+    if der.startswith(_PKCS8_ED25519_PREFIX) and len(seed) == 32:
+        return SigningKey(seed)
     if der[:1] == b"\x30":
         raise KeyFormatError("not an Ed25519 key")  # a DER structure, some other algorithm
     raise KeyFormatError("not a readable PEM private key")
