@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -42,6 +43,17 @@ def spooled(agent: AgentProc) -> list[int]:
 
 def left_in_spool(agent: AgentProc) -> int:
     return len(list((agent.state_dir / "spool").glob("*.batch")))
+
+
+def spool_seqs(agent: AgentProc) -> set[int]:
+    return {int(p.stem) for p in (agent.state_dir / "spool").glob("*.batch")}
+
+
+def receipt_seqs(server: ServerProc, dev: str) -> set[int]:
+    """The seqs the server has ingested for ``dev``, read from its SQLite file (ground truth: a
+    batch stored while its ack was in flight is both here and still in the agent's spool)."""
+    with sqlite3.connect(server.data_dir / "corral.db") as db:
+        return {seq for (seq,) in db.execute("SELECT seq FROM telemetry_batches WHERE device_id = ?", (dev,))}
 
 
 def stored_count(server: ServerProc, dev: str, metric: str = "uptime.seconds") -> int:
@@ -83,7 +95,12 @@ def test_outage_is_backfilled_with_original_timestamps_exactly_once(server: Serv
     finally:
         assert a.stop() == 0
     truth = spooled(a)
-    assert stored_count(server, dev) + left_in_spool(a) == len(truth) == len(set(truth))
+    assert len(truth) == len(set(truth)), "a seq was reused"
+    stored, left = receipt_seqs(server, dev), spool_seqs(a)
+    # every spooled batch is stored or still spooled (or both, when the agent stopped with its ack
+    # in flight), nothing else was stored, and each stored batch is one point, stored once
+    assert stored | left == set(truth), (len(truth), len(stored), len(left))
+    assert stored_count(server, dev) == len(stored)
     # the outage's points carry the time they were measured, not the time they arrived
     seconds = per_second(server, dev)
     during = sum(n for t, n in seconds.items() if outage_start * 1000 + 1000 <= t < outage_end * 1000 - 1000)
