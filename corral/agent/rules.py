@@ -14,12 +14,17 @@ state machine over the fresh metrics; allow-list rules look at the process list 
 kill what is not allowed (after re-checking that the pid still names the same process), and
 every action becomes an event. Rule state is kept in memory: after a restart a condition must
 hold for its duration again before it fires.
+
+Most devices have no rules, so the engine (:mod:`corral.agent.rule_engine`, which brings the
+expression language) is imported only when a non-empty rule set arrives or is stored (ADR 0007):
+an empty set is acknowledged and persisted without it.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -27,26 +32,15 @@ from corral import protocol as p
 from corral.agent.config import RulesConfig
 from corral.agent.identity import atomic_write
 from corral.agent.platform.base import Platform
-from corral.core import expr
-from corral.core.rules import (
-    AllowlistState,
-    ThresholdState,
-    action_event,
-    allowlist_refusal,
-    plan_allowlist,
-    step_threshold,
-    threshold_condition,
-    validate_rule,
-)
-from corral.errors import CorralError
+
+if TYPE_CHECKING:
+    from corral.agent.rule_engine import RuleEngine
+    from corral.core.expr import Condition
+    from corral.core.rules import AllowlistState, ThresholdState
 
 log = logging.getLogger("corral.agent.rules")
 
 RULES_FILE = "rules.json"
-
-
-def _key(spec: p.RuleSpec) -> bytes:
-    return msgspec.json.encode(spec)
 
 
 class AgentRules:
@@ -56,11 +50,34 @@ class AgentRules:
         self.path = state_dir / RULES_FILE if state_dir is not None else None
         self._tag = tag
         self.version: str | None = None
-        self.thresholds: list[tuple[p.RuleSpec, expr.Condition, ThresholdState]] = []
-        self.allowlists: list[tuple[p.RuleSpec, AllowlistState]] = []
-        self.refused: dict[str, str] = {}
-        #: actions taken (tests and the sim summary read it)
-        self.actions = 0
+        #: the rules in force; ``None`` until a non-empty rule set arrives
+        self._engine: RuleEngine | None = None
+
+    def _get_engine(self) -> RuleEngine:
+        if self._engine is None:
+            # imported here, not at the top: the expression language costs every device ~1.5 MB
+            # of RSS, and most never get a rule (ADR 0007)
+            from corral.agent.rule_engine import RuleEngine
+
+            self._engine = RuleEngine(self.platform, self.config, self._tag)
+        return self._engine
+
+    @property
+    def thresholds(self) -> list[tuple[p.RuleSpec, Condition, ThresholdState]]:
+        return self._engine.thresholds if self._engine is not None else []
+
+    @property
+    def allowlists(self) -> list[tuple[p.RuleSpec, AllowlistState]]:
+        return self._engine.allowlists if self._engine is not None else []
+
+    @property
+    def refused(self) -> dict[str, str]:
+        return self._engine.refused if self._engine is not None else {}
+
+    @property
+    def actions(self) -> int:
+        """Actions taken (tests and the sim summary read it)."""
+        return self._engine.actions if self._engine is not None else 0
 
     # --- accepting rules ----------------------------------------------------------------------
 
@@ -92,75 +109,15 @@ class AgentRules:
         return p.RulesAck(version=rules.version, refused=dict(self.refused))
 
     def _install(self, rules: p.Rules) -> None:
-        # a rule that did not change keeps its state (a pending hold time, what was reported)
-        old_t = {_key(spec): state for spec, _, state in self.thresholds}
-        old_a = {_key(spec): state for spec, state in self.allowlists}
-        thresholds, allowlists, refused = [], [], {}
-        for spec in rules.rules[:1000]:
-            reason = self.refusal(spec)
-            if reason is not None:
-                refused[spec.id] = reason
-                log.warning("device %s: refusing rule %r: %s", self._tag, spec.name, reason)
-                continue
-            if spec.kind == "threshold":
-                thresholds.append((spec, threshold_condition(spec), old_t.get(_key(spec), ThresholdState())))
-            else:
-                allowlists.append((spec, old_a.get(_key(spec), AllowlistState())))
-        self.version, self.thresholds, self.allowlists, self.refused = rules.version, thresholds, allowlists, refused
+        if rules.rules or self._engine is not None:
+            self._get_engine().install(rules)
+        self.version = rules.version
 
     def refusal(self, spec: p.RuleSpec) -> str | None:
-        if not self.config.enabled:
-            return "rules are disabled in this agent's config"
-        reason = validate_rule(spec)
-        if reason is not None:
-            return reason
-        if spec.kind == "threshold":
-            try:
-                threshold_condition(spec)
-            except CorralError as e:
-                return e.detail
-            return None
-        if spec.mode == "enforce":
-            if not self.config.enforce:
-                return "enforce mode is disabled in this agent's config ([rules] enforce = false)"
-            self_exe, pid1_exe, _ = self.platform.protected()
-            return allowlist_refusal(spec, self_exe, pid1_exe)
-        return None
+        """Why this agent would refuse ``spec`` (``None``: it would apply it)."""
+        return self._get_engine().refusal(spec)
 
     # --- evaluating -----------------------------------------------------------------------------
 
     def evaluate(self, metrics: dict[str, float], now_ms: int) -> list[p.Event]:
-        events: list[p.Event] = []
-        for i, (spec, cond, state) in enumerate(self.thresholds):
-            new, evs = step_threshold(spec, cond, state, metrics, now_ms)
-            self.thresholds[i] = (spec, cond, new)
-            for e in evs:
-                log.info("device %s: %s", self._tag, e.message)
-            events += evs
-        if self.allowlists:
-            events += self._enforce_allowlists(now_ms)
-        return events
-
-    def _enforce_allowlists(self, now_ms: int) -> list[p.Event]:
-        try:
-            processes = self.platform.processes()
-            _, _, protected = self.platform.protected()
-        except Exception as e:
-            log.warning("device %s: cannot list processes: %s", self._tag, e)
-            return []
-        events = []
-        for i, (spec, state) in enumerate(self.allowlists):
-            new, actions = plan_allowlist(spec, processes, protected, state)
-            self.allowlists[i] = (spec, new)
-            for action in actions:
-                outcome = "reported"
-                if action.kind == "kill":
-                    try:
-                        outcome = "killed" if self.platform.kill(action.pid, action.create_time) else "gone"
-                    except Exception as e:
-                        outcome = f"kill failed: {e}"
-                self.actions += 1
-                log.warning("device %s: allow list %r: %s %s (pid %d): %s", self._tag, spec.name, action.kind,
-                            action.exe, action.pid, outcome)
-                events.append(action_event(spec, action, outcome, now_ms))
-        return events
+        return self._engine.evaluate(metrics, now_ms) if self._engine is not None else []

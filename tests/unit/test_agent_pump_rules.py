@@ -4,6 +4,8 @@ refuse, persist, evaluate) over the simulated platform and an in-memory spool.""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -142,3 +144,55 @@ def test_each_grid_slot_is_collected_once_when_timers_fire_early() -> None:
     assert next_collection(10.2, 1.0, -1) == (11, pytest.approx(0.8))
     # a stall past several slots: the next slot after now, no burst of catch-up collections
     assert next_collection(15.5, 1.0, 11) == (16, pytest.approx(0.5))
+
+
+LAZY_ENGINE = """
+import asyncio, sys
+from pathlib import Path
+from corral import protocol as p
+from corral.agent.config import RulesConfig
+from corral.agent.main import run_agent
+from corral.agent.platform.sim import SimPlatform
+from corral.agent.rules import AgentRules
+
+def loaded():
+    return {m for m in ("corral.core.expr", "corral.core.rules", "corral.agent.rule_engine") if m in sys.modules}
+
+state = Path(sys.argv[1])
+host = AgentRules(SimPlatform(0), RulesConfig(), state, "t")
+host.load()
+ack = asyncio.run(host.apply(p.Rules(version="empty", rules=[])))
+assert ack.version == "empty" and ack.refused == {} and host.evaluate({"x.n": 1.0}, 1) == []
+print(sorted(loaded()))
+again = AgentRules(SimPlatform(0), RulesConfig(), state, "t")
+again.load()
+assert again.version == "empty"
+print(sorted(loaded()))
+rule = p.RuleSpec(id="r1", name="r1", kind="threshold", expr="x.n > 2")
+asyncio.run(host.apply(p.Rules(version="one", rules=[rule])))
+print(sorted(loaded()))
+"""
+
+
+def test_the_rules_engine_is_imported_only_for_a_non_empty_rule_set(tmp_path: Path) -> None:
+    """The expression language costs every device memory (ADR 0007): an agent with no rules (an
+    empty set pushed, or stored from the last session) never imports it."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", LAZY_ENGINE, str(tmp_path)], cwd=root, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    engine = str(sorted(["corral.agent.rule_engine", "corral.core.expr", "corral.core.rules"]))
+    assert out == ["[]", "[]", engine]
+    # and the stored non-empty set brings it back at the next start
+    again = AgentRules(SimPlatform(0), RulesConfig(), tmp_path, "t")
+    again.load()
+    assert again.version == "one" and len(again.thresholds) == 1
+
+
+def test_an_emptied_rule_set_stops_the_rules() -> None:
+    plat = SimPlatform(0)
+    host = AgentRules(plat, RulesConfig())
+    asyncio.run(host.apply(p.Rules(version="v1", rules=[spec(expr="x.n > 0")])))
+    assert [e.attrs["state"] for e in host.evaluate({"x.n": 5.0}, 1000)] == ["firing"]
+    ack = asyncio.run(host.apply(p.Rules(version="v2", rules=[])))
+    assert ack.refused == {} and host.version == "v2" and host.thresholds == []
+    assert host.evaluate({"x.n": 5.0}, 2000) == []
