@@ -35,11 +35,6 @@ import random
 from typing import Any, Protocol
 
 import msgspec
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.proxy import get_proxy
-from websockets.typing import Subprotocol
-from websockets.uri import parse_uri
 
 import corral
 from corral import protocol
@@ -48,6 +43,14 @@ from corral.agent.config import AgentConfig, device_ws_url
 from corral.agent.identity import AgentState, Identity, StateStore
 from corral.agent.platform.base import Platform
 from corral.agent.telemetry.pump import TelemetryPump
+from corral.agent.transport import (
+    ConnectionClosed,
+    HandshakeError,
+    InvalidStatus,
+    WebSocket,
+    connect,
+    proxy_from_environment,
+)
 from corral.core.backoff import Backoff, BackoffPolicy
 
 log = logging.getLogger("corral.agent")
@@ -129,7 +132,7 @@ def connect_target(server: str, proxy: str) -> tuple[str, str | None]:
     if proxy == "none":
         return url, None
     if proxy == "auto":
-        return url, get_proxy(parse_uri(url))
+        return url, proxy_from_environment(url)
     return url, proxy
 
 
@@ -210,7 +213,7 @@ class Agent:
         b = config.backoff
         self.backoff = Backoff(BackoffPolicy(b.base, b.cap, b.reset_after), rng)
         self._token = enroll_token if enroll_token is not None else config.enroll_token
-        self._ws: ClientConnection | None = None
+        self._ws: WebSocket | None = None
         self._tasks: set[asyncio.Task[None]] | None = None
         self._reboot_requested = False
         self._auth_failed = False
@@ -274,13 +277,12 @@ class Agent:
             async with connect(
                 url,
                 proxy=proxy,
-                subprotocols=[Subprotocol(protocol.PROTOCOL)],
+                subprotocol=protocol.PROTOCOL,
                 max_size=cfg.max_frame_bytes,
                 open_timeout=cfg.connect_timeout,
                 close_timeout=cfg.close_timeout,
-                ping_interval=None,  # the heartbeat detects dead connections
-                compression="deflate" if cfg.compression else None,
-                user_agent_header=f"corral-agent/{corral.__version__}",
+                compression=cfg.compression,
+                user_agent=f"corral-agent/{corral.__version__}",
             ) as ws:
                 self._ws = ws
                 try:
@@ -299,22 +301,25 @@ class Agent:
                         self.telemetry.detach()
                     await self._cancel_tasks()
         except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd is not None else None
+            if exc.failure is not None:  # this agent failed the connection (the server's close code is moot)
+                self.last_close_code = exc.sent
+                return CloseAction.RECONNECT, f"closed the connection ({exc.sent}): {exc.failure}"
+            code = exc.code
             self.last_close_code = code
             self._auth_failed = code == CloseCode.AUTH_FAILED
             return close_action(code)
         except InvalidStatus as exc:
-            return CloseAction.RECONNECT, f"{url} answered HTTP {exc.response.status_code}"
+            return CloseAction.RECONNECT, f"{url} answered HTTP {exc.status_code}"
         except TimeoutError:  # (a subclass of OSError: first)
             return CloseAction.RECONNECT, f"timed out connecting to {url}"
-        except (OSError, InvalidHandshake, InvalidURI) as exc:
+        except (OSError, HandshakeError) as exc:
             return CloseAction.RECONNECT, f"cannot connect to {url}: {exc}"
         except Exception:  # a bug must not kill a device's only way home
             log.exception("device %s: unexpected error in the connection", self._tag)
             return CloseAction.RECONNECT, "internal error"
         return CloseAction.RECONNECT, "connection ended"
 
-    async def _session(self, ws: ClientConnection) -> None:
+    async def _session(self, ws: WebSocket) -> None:
         welcome, sent_token = await self._handshake(ws)
         loop = asyncio.get_running_loop()
         if welcome.status in ("rejected", "decommissioned"):
@@ -346,7 +351,7 @@ class Agent:
         interval = min(max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL), MAX_HEARTBEAT_INTERVAL)
         await self._serve(ws, interval)
 
-    async def _handshake(self, ws: ClientConnection) -> tuple[protocol.Welcome, bool]:
+    async def _handshake(self, ws: WebSocket) -> tuple[protocol.Welcome, bool]:
         """challenge → hello → welcome; returns the welcome and whether hello carried the token."""
         async with asyncio.timeout(self.config.connect_timeout):
             _, challenge = self._decode(await ws.recv())
@@ -378,7 +383,7 @@ class Agent:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise _SessionEnd(CloseCode.MALFORMED, f"malformed frame from the server: {exc}") from None
 
-    async def _serve(self, ws: ClientConnection, interval: float) -> None:
+    async def _serve(self, ws: WebSocket, interval: float) -> None:
         """Receive frames and send heartbeats until the connection ends."""
         loop = asyncio.get_running_loop()
         silence_limit = interval * self.config.heartbeat_timeout_factor
@@ -438,7 +443,7 @@ class Agent:
             raise ConnectionError("not connected")
         await ws.send(_CODEC.encode(batch))
 
-    async def _apply_rules(self, ws: ClientConnection, rules: protocol.Rules) -> None:
+    async def _apply_rules(self, ws: WebSocket, rules: protocol.Rules) -> None:
         """Rules come only from the authenticated server session (this socket), never from
         local input; the host validates, persists and acknowledges them."""
         if self.rules is None:

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import os
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -50,8 +51,10 @@ class FakeHub:
         heartbeat_interval: float = 0.2,
         policy: Policy | None = None,
         silent: set[int] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.codec = protocol.Codec()
+        self.tls = tls
         self.tokens = set(tokens)
         self.status: dict[str, protocol.AdmissionStatus] = {}
         self.heartbeat_interval = heartbeat_interval
@@ -76,9 +79,10 @@ class FakeHub:
             "127.0.0.1",
             0,
             subprotocols=[protocol.PROTOCOL],  # type: ignore[list-item]
+            ssl=self.tls,
         )
         port = next(iter(self._server.sockets)).getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"https://localhost:{port}" if self.tls else f"http://127.0.0.1:{port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
