@@ -45,6 +45,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from wsproto import ConnectionType
@@ -336,8 +337,8 @@ class WebSocket(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # (uvloop's transports, in ``corral sim``, are not asyncio.Transport subclasses)
+        self._transport = transport = cast(asyncio.Transport, transport)
         assert self._handshake is not None
         transport.write(self._handshake.send(self._request))
 
@@ -579,8 +580,7 @@ class _Tunnel(asyncio.Protocol):
         self.answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(self.request)
+        cast(asyncio.Transport, transport).write(self.request)
 
     def data_received(self, data: bytes) -> None:
         if self.answered.done():

@@ -140,3 +140,19 @@ def test_a_frame_over_max_frame_bytes_from_the_server(tmp_path: Path) -> None:
             assert second == first + 1
 
     asyncio.run(scenario())
+
+
+def test_on_uvloop_as_the_simulator_runs(tmp_path: Path) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with FakeHub() as hub, ConnectProxy() as proxy, \
+                Running(agent_config(hub, tmp_path, proxy=proxy.url, enroll_token="good-token")):
+            _, conn, _, _ = await hub.next("hello")
+            await hub.next("inventory")
+            await hub.send(conn, protocol.Command(name="ping"), id="p")
+            _, _, _, res = await hub.next("command_result")
+            assert res.ok
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
