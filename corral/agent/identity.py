@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 import msgspec
@@ -102,8 +101,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path`` (``.NAME.RANDOM.tmp``, created exclusively, mode 0600): what
+    ``tempfile.mkstemp`` does, without importing ``tempfile`` (it brings ``shutil``, ``bz2`` and
+    ``lzma``: ~0.6 MB of the agent's RSS, ADR 0007)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary name beside {path}")
+
+
 def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -114,7 +126,7 @@ def _write_temp(path: Path, data: bytes, mode: int) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return Path(tmp)
+    return tmp
 
 
 def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:

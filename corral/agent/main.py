@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -189,8 +190,16 @@ def main_agent(
         return EXIT_ERROR
     setup_logging(config.log_level)
     cfg = config
+
+    async def agent(stop: asyncio.Event) -> int:
+        # One worker thread for the agent's blocking calls (the key and state files, the spool's
+        # fsync'd writes): they come one at a time, and every extra thread keeps a stack and a
+        # malloc arena of its own for the life of the process (ADR 0007).
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1, thread_name_prefix="corral-agent"))
+        return await run_agent(cfg, stop=stop)
+
     try:
-        return run_until_signalled(lambda stop: run_agent(cfg, stop=stop), fast_loop=False)
+        return run_until_signalled(agent, fast_loop=False)
     except Exception:
         log.exception("the agent crashed")
         return EXIT_INTERNAL

@@ -59,3 +59,19 @@ def test_a_real_agent_process_stops_cleanly_on_a_signal(tmp_path: Path, sig: sig
     rc, err = asyncio.run(scenario())
     assert rc == 0, err
     assert "Traceback" not in err
+
+
+def test_the_agent_process_leaves_out_what_it_does_not_need() -> None:
+    """ADR 0007: every module is paid for on every device. The agent's modules, as ``corral
+    agent`` loads them, import no operator CLI, no ``websockets``, no rules engine (until a rule
+    set arrives) and no ``tempfile``/``shutil`` (bz2, lzma) nor ``urllib.request``."""
+    import subprocess
+
+    code = ("import sys; import corral.cli.entry, corral.agent.cli, corral.agent.main, corral.agent.platform.linux; "
+            "print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.split())
+    unwanted = {"websockets", "corral.core.expr", "corral.core.rules", "tempfile", "shutil", "urllib.request",
+                "typer", "httpx", "rich", "cryptography"}
+    assert loaded & unwanted == set()
+    assert {"corral.agent.transport", "wsproto"} <= loaded
