@@ -12,8 +12,8 @@ What it does, in one run:
 2. **References**, started at the same time and measured the same way:
    *the interpreter's floor* — ``python -c`` that imports only ``time`` and sleeps (the same
    interpreter and ``site`` as the agent); *a WebSocket client's floor* — ``python -c`` with the
-   ``websockets`` asyncio client (the library the agent uses, on plain asyncio like the agent)
-   holding one idle connection to a bare ``websockets`` server.
+   ``websockets`` asyncio client (the library the agent used until ADR 0008, on plain asyncio
+   like the agent) holding one idle connection to a bare ``websockets`` server.
 3. After a settle period (the agent's first collection, its rules and inventory), a window of
    ``--window`` seconds: each process is sampled every second (``psutil``
    ``memory_full_info``: RSS, USS, PSS); CPU = (user + system CPU time at the end − at the
@@ -280,7 +280,8 @@ def run(window: float, settle: float, quick: bool, keep: bool = False) -> dict[s
         f"Beyond the bare interpreter the agent adds {mb(ag['rss_end'] - bare['rss_end']):.1f} MB of RSS "
         f"({mb(ag['uss_end'] - bare['uss_end']):.1f} MB USS); beyond a bare `websockets` client holding one "
         f"connection, {mb(ag['rss_end'] - wsc['rss_end']):.1f} MB RSS ({mb(ag['uss_end'] - wsc['uss_end']):.1f} MB "
-        "USS): its own code, the crypto and psutil extensions, the spool, rules and collectors.",
+        "USS): its own code, the crypto and psutil extensions, the spool and collectors, less what its own "
+        "WebSocket client (`corral.agent.transport`, on wsproto) saves against `websockets`.",
         f"During the window the server acknowledged {batches:.0f} telemetry batches from the agent "
         f"({len(latest.get('metrics', {}))} metrics in its latest values), so the figures are those of a working "
         f"agent, not an idle interpreter. The agent process has {ag['threads']} threads.",
