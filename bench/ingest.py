@@ -32,12 +32,11 @@ What it does, in one run, once per database (SQLite, the default; then PostgreSQ
    acked (not duplicate, minus rejected). They must be equal, or the run fails.
 4. **Reference** (same run, same machine, after the Corral runs): the rows of the reported
    window, shaped like the server's (series ids 1..S = agents × metrics, one timestamp per
-   batch, increasing per series), inserted row by row (``INSERT … VALUES (?, ?, ?) ON
-   CONFLICT (series_id, ts) DO NOTHING``, the server's conflict clause) into a fresh table with
-   the same definition (created from the server's model: ``WITHOUT ROWID``, primary key
-   (series_id, ts)), after as many rows as the server's table held when the window began were
-   inserted untimed (a table clustered by series gets slower to insert into as it grows, so the
-   two are compared at the same size):
+   batch, increasing per series), inserted row by row (``INSERT … VALUES (?, ?, ?, ?) ON
+   CONFLICT (minute, series_id, ts) DO NOTHING``, the server's conflict clause) into a fresh
+   table with the same definition (created from the server's model: ``WITHOUT ROWID``, primary
+   key (minute, series_id, ts)), after as many rows as the server's table held when the window
+   began were inserted untimed (the two are compared at the same size):
    SQLite through Python's ``sqlite3`` ``executemany`` (WAL, ``synchronous=NORMAL``, as the
    server), PostgreSQL through ``asyncpg`` ``executemany`` (the untimed rows by
    ``copy_records_to_table``); one ``executemany`` per batch of the agents' size, a commit every
@@ -576,19 +575,19 @@ def _insert_sql(postgres: bool) -> str:
     all of a flush's points in one statement; the reference is the textbook ``executemany``)."""
     from corral.server.tsdb import driver_sql
 
-    return driver_sql("INSERT INTO points (series_id, ts, value) VALUES (?, ?, ?)"
-                      " ON CONFLICT (series_id, ts) DO NOTHING", postgres)
+    return driver_sql("INSERT INTO points (minute, series_id, ts, value) VALUES (?, ?, ?, ?)"
+                      " ON CONFLICT (minute, series_id, ts) DO NOTHING", postgres)
 
 
 def _batches(rows: int, agents: int, per_batch: int, interval_ms: int, first_round: int = 0) -> Any:
-    """Chunks of ``REF_COMMIT_EVERY`` batches of ``per_batch`` rows, shaped like the server's:
-    agent ``a``'s metric ``m`` is series ``a * per_batch + m + 1``; in each round every agent's
-    batch has one timestamp (its collection time, at its phase of the interval), increasing per
+    """Chunks of ``REF_COMMIT_EVERY`` batches of ``per_batch`` rows (minute, series id, ts, value),
+    shaped like the server's: agent ``a``'s metric ``m`` is series ``a * per_batch + m + 1``; in
+    each round every agent's batch has one timestamp (its collection time, at its phase of the interval), increasing per
     series from round to round."""
     rng = random.Random(first_round)
     t0 = int(time.time() * 1000) - 86_400_000
     done, r = 0, first_round
-    chunk: list[list[tuple[int, int, float]]] = []
+    chunk: list[list[tuple[int, int, int, float]]] = []
     while done < rows:
         values = [rng.random() * 100 for _ in range(per_batch)]
         for ag in range(agents):
@@ -596,8 +595,9 @@ def _batches(rows: int, agents: int, per_batch: int, interval_ms: int, first_rou
                 break
             n = min(per_batch, rows - done)
             base = ag * per_batch + 1
-            chunk.append(list(zip(range(base, base + n), itertools.repeat(t0 + r * interval_ms + ag * interval_ms //
-                                                                          agents, n), values[:n], strict=True)))
+            ts = t0 + r * interval_ms + ag * interval_ms // agents
+            chunk.append(list(zip(itertools.repeat(ts // 60_000, n), range(base, base + n), itertools.repeat(ts, n),
+                                  values[:n], strict=True)))
             done += n
             if len(chunk) == REF_COMMIT_EVERY:
                 yield chunk
@@ -816,10 +816,10 @@ def report(result: dict[str, Any]) -> None:
         "/api/v1/metrics/query?agg=count` over every metric, 1-minute step: rollups plus raw) must equal the "
         "points the agents saw acked. **Reference**, after the Corral runs: the rows of that window, shaped like "
         "the server's (series 1..agents × metrics, one timestamp per batch, increasing per series), inserted "
-        "row by row (`INSERT … VALUES (?, ?, ?) ON CONFLICT (series_id, ts) DO NOTHING`) into a fresh table "
-        "created from the server's model (`WITHOUT ROWID`, PK (series_id, ts)) that first receives, untimed, as "
-        "many rows as the server had stored when the window began (inserting into a table clustered by series "
-        "slows as it grows): SQLite via Python `sqlite3` `executemany` (WAL, `synchronous=NORMAL`, default "
+        "row by row (`INSERT … VALUES (?, ?, ?, ?) ON CONFLICT (minute, series_id, ts) DO NOTHING`) into a fresh "
+        "table created from the server's model (`WITHOUT ROWID`, PK (minute, series_id, ts)) that first receives, "
+        "untimed, as many rows as the server had stored when the window began: SQLite via Python `sqlite3` "
+        "`executemany` (WAL, `synchronous=NORMAL`, default "
         "cache, as the server), PostgreSQL via `asyncpg` `executemany` (the untimed rows by "
         f"`copy_records_to_table`); one call per batch of {per_batch} rows, a commit every "
         f"{REF_COMMIT_EVERY:,} batches; only inserts and commits timed, with the Corral processes stopped."

@@ -49,6 +49,7 @@ from corral.server.store.models import (
     Series,
 )
 from corral.server.store.selector_sql import to_sql
+from corral.server.tsdb import minute_condition, series_in
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ async def _aggregates(db: AsyncSession, alert: Alert, calls: frozenset[tuple[str
                       now: float) -> dict[str, dict[tuple[str, str], float | None]]:
     """key -> (func, metric) -> value over the window."""
     start_ms, end_ms = int((now - alert.window_s) * 1000), int(now * 1000)
+    postgres = db.get_bind().dialect.name == "postgresql"
     out: dict[str, dict[tuple[str, str], float | None]] = {}
     for fn, metric in sorted(calls):
         mid = await db.scalar(select(MetricName.id).where(MetricName.name == metric))
@@ -91,8 +93,9 @@ async def _aggregates(db: AsyncSession, alert: Alert, calls: frozenset[tuple[str
         if alert.by_tag:
             j = j.outerjoin(DeviceTag.__table__, and_(DeviceTag.device_id == Series.device_id,
                                                       DeviceTag.key == alert.by_tag))
-        conds = [Series.metric_id == mid, Point.ts >= start_ms, Point.ts <= end_ms,
-                 *_device_filter(Series.device_id, alert.selector)]
+        which = [Series.metric_id == mid, *_device_filter(Series.device_id, alert.selector)]
+        conds = [*which, series_in(Point.series_id, which, postgres), Point.ts >= start_ms, Point.ts <= end_ms,
+                 minute_condition(Point.minute, start_ms, end_ms + 1)]
         if fn == "p95":
             rows = (await db.execute(select(key, Point.value).select_from(j).where(*conds))).all()
             values: dict[str, list[float]] = {}

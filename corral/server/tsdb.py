@@ -35,12 +35,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import ARRAY, ColumnElement, Integer, any_, bindparam, cast, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from corral.core.ingest import CleanBatch
 from corral.server.config import Retention
-from corral.server.store.models import Meta
+from corral.server.store.models import Meta, MetricName, Point, Rollup1m, Series
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ def driver_sql(sql: str, postgres: bool) -> str:
     parts = sql.split("?")
     return "".join(p + (f"${i}" if i < len(parts) else "") for i, p in enumerate(parts, 1))
 
+
+#: raw ranges up to this many minutes are read by one index search per minute and series (see
+#: :func:`minute_condition`)
+MAX_SEEK_MINUTES = 1440
 
 #: receipts per SQLite statement (8 parameters each, well under SQLite's limit of 32,766)
 RECEIPTS_PER_STATEMENT = 1000
@@ -135,13 +140,16 @@ class TimeSeriesStore:
         # trip, and the server parses the rows in C. SQLite keeps executemany: measured against
         # one statement over a JSON array (json_each), row-by-row binding is the faster of the
         # two there, since the driver's thread runs it beside the event loop anyway.
+        # The minute column is computed by the database from ts (MINUTE_MS), so rows stay
+        # (series id, ts, value) tuples.
         if postgres:
-            self._sql_points = ("INSERT INTO points (series_id, ts, value)"
-                                " SELECT * FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
-                                " ON CONFLICT (series_id, ts) DO NOTHING")
+            self._sql_points = ("INSERT INTO points (minute, series_id, ts, value)"
+                                " SELECT t / 60000, s, t, v FROM unnest($1::integer[], $2::bigint[],"
+                                " $3::double precision[]) AS u(s, t, v)"
+                                " ON CONFLICT (minute, series_id, ts) DO NOTHING")
         else:
-            self._sql_points = ("INSERT INTO points (series_id, ts, value) VALUES (?, ?, ?)"
-                                " ON CONFLICT (series_id, ts) DO NOTHING")
+            self._sql_points = ("INSERT INTO points (minute, series_id, ts, value) VALUES (?2 / 60000, ?1, ?2, ?3)"
+                                " ON CONFLICT (minute, series_id, ts) DO NOTHING")
         self._sql_event = q(
             "INSERT INTO device_events (device_id, ts, severity, source, message, attrs, received_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)")
@@ -380,24 +388,26 @@ class TimeSeriesStore:
 
     async def _rollup_1m(self, conn: AsyncConnection, devices_sql: str, params: dict[str, Any],
                          lo: int, hi: int, series: tuple[int, int] | None = None) -> None:
-        where, extra = _series_where(devices_sql, series)
+        where, extra = _series_where("p.series_id", devices_sql, series)
+        minutes, mparams = _minutes_sql("p.minute", lo, hi)
         await conn.execute(text(
             "INSERT INTO rollup_1m (series_id, bucket, count, sum, min, max)"
-            " SELECT p.series_id, (p.ts / 60000) * 60000 AS b, count(*), sum(p.value), min(p.value), max(p.value)"
-            f" FROM points p WHERE p.series_id IN ({where})"
-            " AND p.ts >= :lo AND p.ts < :hi GROUP BY p.series_id, b"
+            " SELECT p.series_id, CAST(p.minute AS BIGINT) * 60000, count(*), sum(p.value), min(p.value), max(p.value)"
+            f" FROM points p WHERE {minutes} AND {where}"
+            " AND p.ts >= :lo AND p.ts < :hi GROUP BY p.series_id, p.minute"
             " ON CONFLICT (series_id, bucket) DO UPDATE SET count = excluded.count, sum = excluded.sum,"
-            " min = excluded.min, max = excluded.max"), {**params, **extra, "lo": lo, "hi": hi})
+            " min = excluded.min, max = excluded.max").bindparams(*_expanding(mparams)),
+            {**params, **extra, **mparams, "lo": lo, "hi": hi})
 
     async def _rollup_1h(self, conn: AsyncConnection, devices_sql: str, params: dict[str, Any],
                          lo: int, hi: int, series: tuple[int, int] | None = None) -> None:
         if hi <= lo:
             return
-        where, extra = _series_where(devices_sql, series)
+        where, extra = _series_where("r.series_id", devices_sql, series)
         await conn.execute(text(
             "INSERT INTO rollup_1h (series_id, bucket, count, sum, min, max)"
             " SELECT r.series_id, (r.bucket / 3600000) * 3600000 AS b, sum(r.count), sum(r.sum), min(r.min),"
-            f" max(r.max) FROM rollup_1m r WHERE r.series_id IN ({where})"
+            f" max(r.max) FROM rollup_1m r WHERE {where}"
             " AND r.bucket >= :lo AND r.bucket < :hi GROUP BY r.series_id, b"
             " ON CONFLICT (series_id, bucket) DO UPDATE SET count = excluded.count, sum = excluded.sum,"
             " min = excluded.min, max = excluded.max"), {**params, **extra, "lo": lo, "hi": hi})
@@ -406,6 +416,43 @@ class TimeSeriesStore:
         """(1-minute, hour) completeness watermarks in epoch ms."""
         return int(await _meta_float(db, WM_1M, 0.0)), int(await _meta_float(db, WM_1H, 0.0))
 
+    # --- reading ------------------------------------------------------------------------------
+
+    async def latest(self, db: AsyncSession, device_id: str, now_ms: int,
+                     future_ms: int) -> list[tuple[str, int, float]]:
+        """A device's latest point per metric, as (metric name, ts, value) sorted by name.
+
+        Almost every series' latest point is in the minutes not rolled up yet (plus ten): those
+        are searched per (minute, series). A series quiet for longer is found through its last
+        1-minute rollup, whose minute is then searched for the point (a point that only late
+        data not yet rolled up holds shows up after the next rollup)."""
+        series = {sid: name for sid, name in (await db.execute(
+            select(Series.id, MetricName.name).join(MetricName, MetricName.id == Series.metric_id)
+            .where(Series.device_id == device_id))).all()}
+        if not series:
+            return []
+        c1m, _ = await self.watermarks(db)
+        lo = min(c1m or now_ms, now_ms - 10 * MINUTE_MS)
+        found = await self._last_points(db, list(series), lo, now_ms + future_ms + 1)
+        quiet = [sid for sid in series if sid not in found]
+        if quiet:
+            last = (await db.execute(
+                select(Rollup1m.series_id, func.max(Rollup1m.bucket)).where(Rollup1m.series_id.in_(quiet))
+                .group_by(Rollup1m.series_id))).all()
+            for sid, bucket in last:
+                found.update(await self._last_points(db, [sid], bucket, bucket + MINUTE_MS))
+        return sorted((series[sid], ts, v) for sid, (ts, v) in found.items())
+
+    async def _last_points(self, db: AsyncSession, ids: list[int], lo: int, hi: int) -> dict[int, tuple[int, float]]:
+        """series id -> (ts, value) of its last point in [lo, hi), for the series that have one."""
+        p = Point.__table__.c
+        rank = func.row_number().over(partition_by=p.series_id, order_by=p.ts.desc()).label("rank")
+        inner = (select(p.series_id, p.ts, p.value, rank)
+                 .where(p.series_id.in_(ids), minute_condition(p.minute, lo, hi), p.ts >= lo, p.ts < hi)
+                 .subquery())
+        rows = (await db.execute(select(inner.c.series_id, inner.c.ts, inner.c.value).where(inner.c.rank == 1))).all()
+        return {int(sid): (int(ts), float(v)) for sid, ts, v in rows}
+
     # --- retention -----------------------------------------------------------------------------
 
     async def prune(self, db: AsyncSession, now: float, keep: Retention) -> dict[str, int]:
@@ -413,10 +460,14 @@ class TimeSeriesStore:
         conn = await db.connection()
         now_ms = int(now * 1000)
         out: dict[str, int] = {}
-        for table, col, age in (("points", "ts", keep.raw_s), ("rollup_1m", "bucket", keep.rollup_1m_s),
-                                ("rollup_1h", "bucket", keep.rollup_1h_s)):
+        cut = now_ms - int(keep.raw_s * 1000)
+        # the oldest minutes: the front of the table
+        res = await conn.execute(text("DELETE FROM points WHERE minute <= :m AND ts < :cut"),
+                                 {"m": cut // MINUTE_MS, "cut": cut})
+        out["points"] = res.rowcount or 0
+        for table, age in (("rollup_1m", keep.rollup_1m_s), ("rollup_1h", keep.rollup_1h_s)):
             res = await conn.execute(text(
-                f"DELETE FROM {table} WHERE series_id IN (SELECT id FROM series) AND {col} < :cut"),
+                f"DELETE FROM {table} WHERE series_id IN (SELECT id FROM series) AND bucket < :cut"),
                 {"cut": now_ms - int(age * 1000)})
             out[table] = res.rowcount or 0
         res = await conn.execute(text("DELETE FROM telemetry_batches WHERE received_at < :cut"),
@@ -428,14 +479,58 @@ class TimeSeriesStore:
         return out
 
 
-def _series_where(devices_sql: str, series: tuple[int, int] | None) -> tuple[str, dict[str, int]]:
+def _series_where(column: str, devices_sql: str, series: tuple[int, int] | None) -> tuple[str, dict[str, int]]:
     """The series a statement covers: those of some devices (or all), optionally an id range."""
-    conds = [f"device_id IN ({devices_sql})"] if devices_sql else []
-    extra: dict[str, int] = {}
+    extra = {"s0": series[0], "s1": series[1]} if series is not None else {}
+    if not devices_sql:
+        # every series, or an id range: a condition on the column itself (an index range)
+        return (f"{column} BETWEEN :s0 AND :s1" if series is not None else "1 = 1"), extra
+    ids = f"SELECT id FROM series WHERE device_id IN ({devices_sql})"
     if series is not None:
-        conds.append("id BETWEEN :s0 AND :s1")
-        extra = {"s0": series[0], "s1": series[1]}
-    return "SELECT id FROM series" + (" WHERE " + " AND ".join(conds) if conds else ""), extra
+        ids += " AND id BETWEEN :s0 AND :s1"
+    return f"{column} IN ({ids})", extra
+
+
+def minute_span(lo_ms: int, hi_ms: int) -> tuple[int, int]:
+    """The first and last minute that [lo_ms, hi_ms) touches."""
+    return lo_ms // MINUTE_MS, (hi_ms - 1) // MINUTE_MS
+
+
+def minute_condition(column: ColumnElement[int] | InstrumentedAttribute[int], lo_ms: int,
+                     hi_ms: int) -> ColumnElement[bool]:
+    """The minutes of ``points`` that hold [lo_ms, hi_ms): listed, so that the (minute, series_id,
+    ts) key is searched once per minute and series, up to :data:`MAX_SEEK_MINUTES`; a longer range
+    (rare: rollups serve long ranges) is read as the range of minutes."""
+    m0, m1 = minute_span(lo_ms, hi_ms)
+    if m1 - m0 < MAX_SEEK_MINUTES:
+        return column.in_(range(m0, m1 + 1))
+    return column.between(m0, m1)
+
+
+def series_in(column: ColumnElement[int] | InstrumentedAttribute[int], which: Sequence[ColumnElement[bool]],
+              postgres: bool) -> ColumnElement[bool]:
+    """``column`` is the id of a series that satisfies ``which`` (conditions on ``series``), as a
+    set computed first, so that the series ids and the time range are both conditions of the
+    index ((minute, series_id, ts) for raw points, (series_id, bucket) for rollups). As a join
+    alone, SQLite reads every point of each minute, and PostgreSQL's estimate favours reading
+    the whole table when many series match (measured: 279 ms → 25 ms for 600 devices over 1.8 M
+    points)."""
+    s = Series.__table__
+    if postgres:  # one array: ANY(array); ANY(subquery) would be planned as a join again
+        return column == any_(cast(select(func.array_agg(s.c.id)).where(*which).scalar_subquery(), ARRAY(Integer)))
+    return column.in_(select(s.c.id).where(*which))
+
+
+def _minutes_sql(column: str, lo_ms: int, hi_ms: int) -> tuple[str, dict[str, Any]]:
+    """:func:`minute_condition` for textual SQL."""
+    m0, m1 = minute_span(lo_ms, hi_ms)
+    if m1 - m0 < MAX_SEEK_MINUTES:
+        return f"{column} IN :minutes", {"minutes": list(range(m0, m1 + 1))}
+    return f"{column} BETWEEN :m0 AND :m1", {"m0": m0, "m1": m1}
+
+
+def _expanding(params: dict[str, Any]) -> list[Any]:
+    return [bindparam(k, expanding=True) for k, v in params.items() if isinstance(v, list)]
 
 
 def _keys(rows: Iterable[Any]) -> Iterable[tuple[str, int]]:

@@ -239,3 +239,117 @@ def test_each_minute_is_rolled_up_once_unless_late_data_reaches_back(db_url: str
             await engine.dispose()
 
     asyncio.run(go())
+
+
+def test_latest_value_per_metric_recent_and_quiet(db_url: str) -> None:
+    """The latest point of each metric: one reported a moment ago, one quiet for hours (found
+    through its last minute rollup), and one whose raw points retention removed (left out)."""
+    async def go() -> None:
+        engine, sessions, store = open_store(db_url)
+        try:
+            await add_device(sessions, DEV)
+            now = T0 + 5 * HOUR_MS
+            batches = [[("quiet", T0 + 10_000, 1.0), ("quiet", T0 + 20_000, 2.0), ("gone", T0, 5.0)],
+                       [("busy", now - 25_000, 7.0), ("busy", now - 15_000, 8.0)],
+                       [("busy", now - 5_000, 9.0)]]
+            for seq, pts in enumerate(batches, 1):
+                async with sessions() as db, db.begin():
+                    _, new = await store.ingest(db, DEV, seq, batch(pts), None, now / 1000)
+                store.remember(new)
+            async with sessions() as db, db.begin():  # once the receipts settled
+                assert (await store.rollup(db, now / 1000 + 5, recent_ms=10 * HOUR_MS))["devices"] == 1
+            async with sessions() as db, db.begin():  # only "gone"'s minute is older than an hour
+                await db.execute(text("DELETE FROM points WHERE series_id IN (SELECT s.id FROM series s"
+                                      " JOIN metric_names m ON m.id = s.metric_id WHERE m.name = 'gone')"))
+            async with sessions() as db:
+                got = await store.latest(db, DEV, now, 5 * MINUTE_MS)
+                assert await store.latest(db, "e" * 32, now, 5 * MINUTE_MS) == []
+            assert got == [("busy", now - 5_000, 9.0), ("quiet", T0 + 20_000, 2.0)]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+def test_raw_points_are_searched_by_minute_and_series_never_scanned(tmp_path: Path) -> None:
+    """Every statement that reads or deletes raw points -- metric queries of each shape, alert
+    aggregates, latest values, rollups, retention -- is captured as run and planned by SQLite:
+    each must search the (minute, series_id, ts) key, by series too unless it is about every
+    series, never read the table from end to end (``SCAN``). Planning is deterministic, so
+    this catches a query that would slow down with the table's size without timing anything."""
+    import re
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from corral.server import alerts
+    from corral.server.config import Monitoring
+    from corral.server.metrics_query import MetricQuery, run_query
+    from corral.server.store import migrate
+    from corral.server.store.models import Alert
+
+    path = tmp_path / "plans.db"
+    url = f"sqlite:///{path}"
+    migrate.upgrade(url)
+
+    async def go() -> list[tuple[str, Any]]:
+        engine, sessions, store = open_store(url)
+        seen: list[tuple[str, Any]] = []
+
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def capture(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+            if re.search(r"\b(FROM|JOIN) points\b", statement) and not many:
+                seen.append((statement, params))
+
+        try:
+            devs = [c * 32 for c in "abc"]
+            for i, d in enumerate(devs):
+                await add_device(sessions, d)
+                async with sessions() as db, db.begin():
+                    await db.execute(text("INSERT INTO device_tags (device_id, key, value) VALUES (:d, 'site', :s)"),
+                                     {"d": d, "s": f"s{i % 2}"})
+            now = T0 + HOUR_MS
+            for d in devs:
+                for m in range(20):
+                    pts = [(n, now - (20 - m) * MINUTE_MS + k * 10_000, float(m)) for n in ("cpu", "mem")
+                           for k in range(6)]
+                    async with sessions() as db, db.begin():
+                        _, new = await store.ingest(db, d, m + 1, batch(pts), None, now / 1000)
+                    store.remember(new)
+            async with sessions() as db, db.begin():
+                await store.rollup(db, now / 1000 - 300, recent_ms=10 * HOUR_MS)
+            async with sessions() as db, db.begin():  # a later run, in chunks, as SQLite runs it
+                plan = await store.rollup_plan(db, now / 1000, chunk=2)
+                assert plan is not None
+                for step in plan.steps:
+                    await store.rollup_step(db, step)
+            shapes: list[dict[str, Any]] = [
+                dict(device_id=devs[0]), dict(selector='tag.site == "s0"'), {}, dict(by="device"),
+                dict(by="tag.site"), dict(agg="p95"), dict(step_ms=10_000), dict(step_ms=10_000, by="tag.site")]
+            async with sessions() as db:
+                for shape in shapes:
+                    r = await run_query(db, store, MetricQuery(metric="cpu", start_ms=now - 15 * MINUTE_MS,
+                                                               end_ms=now, **shape), Monitoring())
+                    assert r.series, shape
+                assert len(await store.latest(db, devs[0], now, 5 * MINUTE_MS)) == 2
+                alert = Alert(id="a", name="a", kind="threshold", selector='tag.site == "s1"', expr="avg(cpu) > 1",
+                              by_tag="site", window_s=300.0)
+                for fn in ("avg", "p95"):
+                    values = await alerts._aggregates(db, alert, frozenset({(fn, "cpu")}), now / 1000)
+                    assert values["s1"][(fn, "cpu")] is not None
+            async with sessions() as db, db.begin():
+                await store.prune(db, (now + 7 * 86400_000) / 1000, Retention())
+        finally:
+            await engine.dispose()
+        return seen
+
+    seen = asyncio.run(go())
+    assert len(seen) >= 12, [s for s, _ in seen]
+    with sqlite3.connect(path) as db:
+        for statement, params in seen:
+            plan = [row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + statement, params)]
+            on_points = [step for step in plan if step.split(" ")[1:2] in (["points"], ["p"])]
+            assert on_points and all(step.startswith("SEARCH") for step in on_points), (statement, plan)
+            # reading every series of a minute is right only for retention and whole-fleet rollups
+            every_series = statement.startswith("DELETE FROM points") or " 1 = 1 " in statement
+            assert every_series or all("series_id" in step for step in on_points), (statement, plan)

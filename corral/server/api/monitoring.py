@@ -9,7 +9,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
-from sqlalchemy.orm import aliased
 
 from corral.core.aggregate import AGGS
 from corral.core.durations import parse_duration, parse_time
@@ -27,7 +26,6 @@ from corral.server.store.models import (
     DeviceEvent,
     DeviceTelemetry,
     MetricName,
-    Point,
     Series,
     TelemetryBatch,
 )
@@ -101,15 +99,10 @@ class LatestOut(BaseModel):
 
 @router.get("/devices/{device_id}/metrics", response_model=LatestOut, summary="A device's latest values")
 async def device_latest(device_id: str, ctx: Ctx, _: Viewer) -> LatestOut:
-    newer = aliased(Point)
-    latest = select(func.max(newer.ts)).where(newer.series_id == Series.id).correlate(Series).scalar_subquery()
-    stmt = (select(MetricName.name, Point.ts, Point.value)
-            .select_from(Series).join(MetricName, MetricName.id == Series.metric_id)
-            .join(Point, (Point.series_id == Series.id) & (Point.ts == latest))
-            .where(Series.device_id == device_id).order_by(MetricName.name))
     async with ctx.reader() as db:
         await registry.get_device(db, device_id)
-        rows = (await db.execute(stmt)).all()
+        rows = await ctx.tsdb.latest(db, device_id, int(time.time() * 1000),
+                                     ctx.config.monitoring.ingest.max_future_ms)
         dropped = await db.scalar(select(DeviceTelemetry.dropped).where(DeviceTelemetry.device_id == device_id))
     return LatestOut(device_id=device_id, metrics={n: {"ts": iso(ts / 1000), "value": v} for n, ts, v in rows},
                      dropped_batches=dropped or 0)
