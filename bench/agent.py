@@ -8,7 +8,8 @@ What it does, in one run:
    --state-dir DIR`` with the default configuration (``LinuxPlatform``: psutil collectors of
    this machine; disk spool with fsync'd batch files; telemetry every 10 s; heartbeat every
    15 s as the server asks). It enrolls, is accepted, and then does what an idle device does:
-   collect, spool, send, delete on ack, heartbeat.
+   collect, spool, send, delete on ack, heartbeat. The agent runs **byte-compiled**, as an agent
+   installed by pip (which writes ``.pyc`` files) does: see :func:`bytecode_env`.
 2. **References**, started at the same time and measured the same way:
    *the interpreter's floor* — ``python -c`` that imports only ``time`` and sleeps (the same
    interpreter and ``site`` as the agent); *a WebSocket client's floor* — ``python -c`` with the
@@ -95,9 +96,44 @@ WS_CLIENT = textwrap.dedent("""
 """)
 
 
-def _popen(args: list[str], log: Path, stdout: Any = None) -> subprocess.Popen[bytes]:
+def _popen(args: list[str], log: Path, stdout: Any = None,
+           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=stdout if stdout is not None else out, stderr=out, cwd=ROOT)
+        return subprocess.Popen(args, stdout=stdout if stdout is not None else out, stderr=out, cwd=ROOT, env=env)
+
+
+#: what the compile step imports: the modules ``corral agent`` loads at start, so that the
+#: standard library's and the dependencies' modules they import get their ``.pyc`` too
+AGENT_MODULES = ("corral.cli.entry", "corral.agent.cli", "corral.agent.main", "corral.agent.platform.linux",
+                 "corral.agent.transport")
+
+
+def bytecode_env(pycache: Path) -> dict[str, str]:
+    """The agent's environment: bytecode caching allowed, the cache under ``pycache``.
+
+    A device runs an installed agent: pip byte-compiles every module it installs, so the agent
+    imports ``.pyc`` files. This source tree has none (it is an editable install, and this
+    environment may set ``PYTHONDONTWRITEBYTECODE``), so an agent started from it as is compiles
+    its own ~60 modules at every start, which leaves ~1 MB of compiler garbage in its heap: a
+    cost no installed agent pays. ``PYTHONPYCACHEPREFIX`` keeps the ``.pyc`` out of the source
+    tree, in a temp dir; Python then reads ``.pyc`` only from there (the ones beside the standard
+    library and site-packages are not looked at), so :func:`compile_agent` fills it first."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    return env
+
+
+def compile_agent(env: dict[str, str]) -> None:
+    """What ``pip install`` does for the agent, into ``env``'s cache prefix: byte-compile all of
+    ``corral`` (``compileall``) and import the agent's modules (which writes the ``.pyc`` of the
+    standard library and dependency modules they use)."""
+    subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "corral")], env=env, cwd=ROOT, check=True)
+    subprocess.run([PY, "-c", "import " + ", ".join(AGENT_MODULES)], env=env, cwd=ROOT, check=True)
+
+
+def compiled_since(pycache: Path, t0: float) -> list[str]:
+    """The ``.pyc`` files written after ``t0``: what the agent had to compile itself."""
+    return sorted(str(f.relative_to(pycache)) for f in pycache.rglob("*.pyc") if f.stat().st_mtime > t0)
 
 
 def _batches_total(server: CorralServer) -> float:
@@ -151,7 +187,7 @@ class Sampler:
 
 def run(window: float, settle: float, quick: bool, keep: bool = False) -> dict[str, Any]:
     params = {"window_s": window, "settle_s": settle, "telemetry_interval_s": 10, "platform": "LinuxPlatform",
-              "spool": "disk"}
+              "spool": "disk", "bytecode": "compiled (.pyc) before start, as installed by pip"}
     result = new_result("agent", "Agent: one idle agent process, memory and CPU", params, quick)
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-agent-"))
     if keep:
@@ -169,9 +205,12 @@ def run(window: float, settle: float, quick: bool, keep: bool = False) -> dict[s
         assert out is not None
         if not out.readline():
             raise RuntimeError(f"the websockets server did not start:\n{tail(tmp / 'ws-server.log')}")
+        agent_env = bytecode_env(tmp / "pycache")
+        compile_agent(agent_env)
+        compiled_at = time.time()
         t_start = time.monotonic()
         procs["agent"] = _popen([PY, "-m", "corral", "agent", "--server", server.url, "--enroll-token", token,
-                                 "--state-dir", str(tmp / "agent-state")], tmp / "agent.log")
+                                 "--state-dir", str(tmp / "agent-state")], tmp / "agent.log", env=agent_env)
         procs["bare"] = _popen([PY, "-c", BARE], tmp / "bare.log")
         procs["ws-client"] = _popen([PY, "-c", WS_CLIENT, f"ws://127.0.0.1:{ws_port}/"], tmp / "ws-client.log",
                                     subprocess.PIPE)
@@ -214,6 +253,7 @@ def run(window: float, settle: float, quick: bool, keep: bool = False) -> dict[s
         with server.client() as c:
             latest = c.get(f"/devices/{device['id']}/metrics").raise_for_status().json()
         agent_log = tail(tmp / "agent.log", 2000)
+        self_compiled = compiled_since(tmp / "pycache", compiled_at)
     except BaseException:
         print(f"agent: agent log (tail):\n{tail(tmp / 'agent.log')}\nserver log (tail):\n{tail(server.log)}",
               file=sys.stderr)
@@ -230,6 +270,7 @@ def run(window: float, settle: float, quick: bool, keep: bool = False) -> dict[s
     result["details"] = {"processes": stats, "agent_rss_by_mapping": maps[:25], "window_wall_s": wall,
                          "connect_s": connect_s,
                          "telemetry_batches_in_window": batches, "metrics_reported": len(latest.get("metrics", {})),
+                         "modules_the_agent_compiled": self_compiled,
                          "agent_log_tail": agent_log, "load_average_end": os.getloadavg()}
 
     def mb(x: int) -> float:
@@ -258,7 +299,12 @@ def run(window: float, settle: float, quick: bool, keep: bool = False) -> dict[s
         "One `corral server` (SQLite) and one real agent process started as on a device: `python -m corral agent "
         "--server URL --enroll-token T --state-dir DIR`, default configuration (`LinuxPlatform` collecting this "
         "machine's metrics with psutil, a disk spool of fsync'd batch files, telemetry every 10 s, a heartbeat "
-        "every 15 s). Once it is enrolled and online, a settle period of "
+        "every 15 s). The agent runs byte-compiled, as installed by pip (which writes `.pyc` files for what it "
+        "installs): the bench first compiles all of `corral` and imports the agent's modules with "
+        "`PYTHONPYCACHEPREFIX` set to a temp dir and bytecode writing allowed, and starts the agent with the same "
+        "environment; from a source tree without `.pyc` (this environment sets `PYTHONDONTWRITEBYTECODE`) the agent "
+        "would compile its own modules at every start, ~1 MB of RSS no installed agent has. Once it is enrolled "
+        "and online, a settle period of "
         f"{settle:g} s, then a {window:g} s window in which RSS, PSS and USS (`psutil` `memory_full_info`, "
         "/proc/PID/smaps_rollup) are sampled every second and CPU = CPU time used in the window ÷ the window "
         "(share of one core). **Reference**, measured the same way in the same run: a bare `python -c` "
@@ -282,6 +328,8 @@ def run(window: float, settle: float, quick: bool, keep: bool = False) -> dict[s
         f"connection, {mb(ag['rss_end'] - wsc['rss_end']):.1f} MB RSS ({mb(ag['uss_end'] - wsc['uss_end']):.1f} MB "
         "USS): its own code, the crypto and psutil extensions, the spool and collectors, less what its own "
         "WebSocket client (`corral.agent.transport`, on wsproto) saves against `websockets`.",
+        "Modules the agent compiled itself (no `.pyc` from the compile step): "
+        + (", ".join(f"`{m}`" for m in self_compiled) if self_compiled else "none") + ".",
         f"During the window the server acknowledged {batches:.0f} telemetry batches from the agent "
         f"({len(latest.get('metrics', {}))} metrics in its latest values), so the figures are those of a working "
         f"agent, not an idle interpreter. The agent process has {ag['threads']} threads.",
