@@ -43,7 +43,7 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -114,12 +114,45 @@ class ConnectionClosed(WebSocketError):
 # --- addresses --------------------------------------------------------------------------------
 
 
+class AsciiHost(str):
+    """A host name (or ``host:port``) in ASCII, as :func:`parse_url` and :func:`parse_proxy`
+    return it: an internationalized name is already in its IDNA (``xn--``) form.
+
+    ``wsproto`` (for the Host header) and ``ssl`` (for the SNI name) encode a ``str`` host with
+    the ``idna`` codec whatever it holds. For an ASCII name that gives the bytes ``ascii`` gives,
+    but the codec's first use imports ``encodings.idna``, ``stringprep`` and ``unicodedata``:
+    ~0.4 MB of RSS in every agent that connects to an ASCII host (ADR 0007). This ``str`` answers
+    a request for IDNA with its ASCII bytes; :func:`_ascii_host` made sure that is what the codec
+    would have returned. (The resolver gets ASCII bytes: see :func:`_tcp_connect`.)"""
+
+    __slots__ = ()
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return super().encode("ascii" if encoding == "idna" else encoding, errors)
+
+
+def _ascii_host(host: str, what: str) -> AsciiHost:
+    """``host`` as an :class:`AsciiHost`: a non-ASCII name converted by the ``idna`` codec (its
+    only use), an ASCII one kept, with the codec's check (no empty label, none over 63)."""
+    try:
+        host.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            return AsciiHost(host.encode("idna").decode("ascii"))
+        except UnicodeError as e:
+            raise HandshakeError(f"invalid {what}: {e}") from None
+    labels = host.split(".")
+    if not all(0 < len(label) < 64 for label in labels[:-1]) or len(labels[-1]) >= 64:
+        raise HandshakeError(f"invalid {what}: a label of {host!r} is empty or too long")
+    return AsciiHost(host)
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where a ``ws://`` or ``wss://`` URL points."""
 
     secure: bool
-    host: str
+    host: AsciiHost
     port: int
     #: path and query, as the request line carries them
     resource: str
@@ -131,10 +164,10 @@ class Target:
         return f"{host}:{self.port}"
 
     @property
-    def host_header(self) -> str:
+    def host_header(self) -> AsciiHost:
         """The Host header: the port only when it is not the scheme's default."""
         default = 443 if self.secure else 80
-        return self.authority if self.port != default else self.authority.rsplit(":", 1)[0]
+        return AsciiHost(self.authority if self.port != default else self.authority.rsplit(":", 1)[0])
 
 
 def _split(url: str, what: str) -> tuple[SplitResult, int | None]:
@@ -153,18 +186,14 @@ def parse_url(url: str) -> Target:
         raise HandshakeError(f"invalid WebSocket URL {url!r}")
     secure = parts.scheme == "wss"
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host = parts.hostname
-    try:
-        host.encode("ascii")
-    except UnicodeEncodeError:
-        host = host.encode("idna").decode()
+    host = _ascii_host(parts.hostname, f"WebSocket URL {url!r}")
     return Target(secure, host, port or (443 if secure else 80), resource)
 
 
 @dataclass(frozen=True, slots=True)
 class Proxy:
     scheme: str
-    host: str
+    host: AsciiHost
     port: int
     username: str | None = None
     password: str | None = None
@@ -188,7 +217,7 @@ def parse_proxy(url: str) -> Proxy:
             raise HandshakeError("invalid proxy URL: a user name without a password")
         user, password = unquote(parts.username, errors="strict"), unquote(parts.password, errors="strict")
     default = {"http": 80, "https": 443}.get(parts.scheme, 1080)
-    return Proxy(parts.scheme, parts.hostname, port or default, user, password)
+    return Proxy(parts.scheme, _ascii_host(parts.hostname, "proxy URL"), port or default, user, password)
 
 
 def _environment_proxies(environ: Mapping[str, str]) -> dict[str, str]:
@@ -604,24 +633,57 @@ class _Tunnel(asyncio.Protocol):
             self.answered.set_exception(HandshakeError("the proxy closed the connection before answering CONNECT"))
 
 
+async def _tcp_connect(host: AsciiHost, port: int) -> socket.socket:
+    """A TCP socket connected to ``host``, its addresses tried in the resolver's order (as
+    ``loop.create_connection`` tries them). The resolver gets the name as ASCII bytes: given a
+    ``str``, ``socket.getaddrinfo`` encodes it with the ``idna`` codec (see :class:`AsciiHost`)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"getaddrinfo({host!r}) returned no address")
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as e:
+            sock.close()
+            errors.append(e)
+        except BaseException:
+            sock.close()
+            raise
+    if len({str(e) for e in errors}) == 1:
+        raise errors[0]
+    raise OSError(f"Multiple exceptions: {', '.join(str(e) for e in errors)}")
+
+
+async def _connection(factory: Callable[[], asyncio.Protocol], sock: socket.socket, tls: ssl.SSLContext | None,
+                      hostname: AsciiHost) -> asyncio.Transport:
+    """``sock`` under the protocol (``tls``: after the TLS handshake with ``hostname`` as SNI)."""
+    try:
+        transport, _ = await asyncio.get_running_loop().create_connection(
+            factory, sock=sock, ssl=tls, server_hostname=hostname if tls is not None else None)
+    except BaseException:
+        sock.close()
+        raise
+    return transport
+
+
 async def _open(ws: WebSocket, target: Target, proxy: Proxy | None, tls: ssl.SSLContext | None,
                 user_agent: str | None) -> None:
     loop = asyncio.get_running_loop()
     hostname = target.host if tls is not None else None
     if proxy is None:
-        await loop.create_connection(lambda: ws, target.host, target.port, ssl=tls, server_hostname=hostname)
+        await _connection(lambda: ws, await _tcp_connect(target.host, target.port), tls, target.host)
     elif proxy.scheme.startswith("socks"):
-        sock = await _socks_socket(proxy, target)
-        try:
-            await loop.create_connection(lambda: ws, sock=sock, ssl=tls, server_hostname=hostname)
-        except BaseException:
-            sock.close()
-            raise
+        await _connection(lambda: ws, await _socks_socket(proxy, target), tls, target.host)
     else:
         tunnel = _Tunnel(connect_request(proxy, target, user_agent))
         proxy_tls = default_ssl_context() if proxy.scheme == "https" else None
-        transport, _ = await loop.create_connection(lambda: tunnel, proxy.host, proxy.port, ssl=proxy_tls,
-                                                    server_hostname=proxy.host if proxy_tls else None)
+        transport = await _connection(lambda: tunnel, await _tcp_connect(proxy.host, proxy.port), proxy_tls,
+                                      proxy.host)
         try:
             await tunnel.answered
             transport.set_protocol(ws)

@@ -133,6 +133,39 @@ def test_urls() -> None:
             t.parse_url(bad)
 
 
+def test_host_names_go_out_in_ascii_an_internationalized_one_in_its_idna_form() -> None:
+    ascii_url = t.parse_url("wss://Fleet.Example.com:8443/x")
+    assert ascii_url.host == "fleet.example.com" and isinstance(ascii_url.host, t.AsciiHost)
+    assert isinstance(ascii_url.host_header, t.AsciiHost)
+    # what wsproto (Host header) and ssl (SNI) ask for: the idna codec's bytes, without the codec
+    for name in ("fleet.example.com", "fleet.example.com:8443", "10.0.0.1", "[::1]:81", "h."):
+        assert t.AsciiHost(name).encode("idna") == name.encode("idna")
+    assert t.AsciiHost("h").encode() == b"h" and t.AsciiHost("h").encode("utf-16") == "h".encode("utf-16")
+    # a non-ASCII name: converted once, by the codec
+    idn = t.parse_url("wss://Bücher.example:8443/x")
+    assert (idn.host, idn.host_header) == ("xn--bcher-kva.example", "xn--bcher-kva.example:8443")
+    assert isinstance(idn.host, t.AsciiHost)
+    assert t.parse_proxy("http://prøxy.lan:3128").host == "xn--prxy-hra.lan"
+    # the codec's checks, for ASCII names too
+    for bad in ("ws://a..b/", f"ws://{'a' * 64}.example/", f"ws://{'ü' * 64}.example/"):
+        with pytest.raises(t.HandshakeError, match="invalid WebSocket URL"):
+            t.parse_url(bad)
+    with pytest.raises(t.HandshakeError, match="invalid proxy URL"):
+        t.parse_proxy("http://a..b:1")
+
+
+def test_the_upgrade_request_names_an_internationalized_host_in_its_idna_form() -> None:
+    async def go() -> None:
+        target = t.parse_url("ws://bücher.example:81/device/v1/connect")
+        ws = t.WebSocket(Request(host=target.host_header, target=target.resource, subprotocols=[SUB]),
+                         max_size=1024, close_timeout=0.05)
+        tr = FakeTransport()
+        ws.connection_made(tr)
+        assert b"\r\nHost: xn--bcher-kva.example:81\r\n" in tr.written
+
+    run(go)
+
+
 def test_proxy_urls() -> None:
     assert t.parse_proxy("http://proxy.lan:3128") == t.Proxy("http", "proxy.lan", 3128)
     assert t.parse_proxy("https://proxy.lan/") == t.Proxy("https", "proxy.lan", 443)

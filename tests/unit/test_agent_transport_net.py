@@ -4,6 +4,8 @@ or misbehave, each ending in the same outcome (and message) the agent had with `
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,59 @@ def test_the_agent_over_tls_directly_and_through_http_and_https_proxies(
                 assert b"User-Agent: corral-agent/" in p.requests[0]
 
     asyncio.run(scenario())
+
+
+ROOT = Path(__file__).resolve().parents[2]
+IDNA_MODULES = ("encodings.idna", "stringprep", "unicodedata")
+
+CONNECT_AND_LIST_IDNA_MODULES = f"""
+import asyncio, sys
+from corral.agent import transport
+
+async def main():
+    for proxy in sys.argv[2:]:
+        async with transport.connect(sys.argv[1], subprotocol="corral.v1", proxy=proxy or None):
+            pass
+
+asyncio.run(main())
+print(" ".join(m for m in {IDNA_MODULES!r} if m in sys.modules))
+"""
+
+
+def test_an_ascii_host_name_is_resolved_and_named_without_the_idna_codec(trusted_ca: tuple[Any, Any]) -> None:
+    """The idna codec imports stringprep and unicodedata (~0.4 MB, ADR 0007): a process that
+    opens wss:// connections to ``localhost`` (resolved, SNI, Host header), directly and through
+    an HTTPS proxy (resolved, SNI, CONNECT), does not load them."""
+    server_ctx, _ = trusted_ca
+
+    async def scenario() -> str:
+        async with FakeHub(tls=server_ctx) as hub, ConnectProxy(tls=server_ctx) as https:
+            url = hub.url.replace("https://", "wss://") + "/device/v1/connect"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", CONNECT_AND_LIST_IDNA_MODULES, url, "", https.url,
+                cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), GUARD)
+            assert proc.returncode == 0, err.decode()
+            assert len(https.requests) == 1
+            return out.decode().strip()
+
+    assert asyncio.run(scenario()) == ""
+
+
+def test_every_address_of_a_name_is_tried_and_a_refusal_is_an_oserror() -> None:
+    async def go() -> None:
+        with socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen()
+            port = listening.getsockname()[1]
+            # localhost: ::1 (refused: nothing listens there) and/or 127.0.0.1, in the resolver's order
+            sock = await transport._tcp_connect(transport.AsciiHost("localhost"), port)
+            assert sock.getpeername()[:2] == ("127.0.0.1", port)
+            sock.close()
+        with pytest.raises(OSError):
+            await transport._tcp_connect(transport.AsciiHost("127.0.0.1"), port)
+
+    asyncio.run(go())
 
 
 def config_for(url: str, state_dir: Path) -> AgentConfig:
