@@ -1,7 +1,8 @@
 """Time-series storage in the relational database: ingestion, rollups and retention (DESIGN §6).
 
 Layout (``store/models.py``): a *series* is one metric of one device, named by a small integer;
-raw points are ``(series_id, ts_ms, value)`` clustered by (series, ts); ``rollup_1m`` and
+raw points are ``(minute, series_id, ts_ms, value)`` clustered by (minute, series, ts), so that a
+flush writes into the current minute's pages however long the history (ADR 0006); ``rollup_1m`` and
 ``rollup_1h`` hold count/sum/min/max per series and bucket. Every batch leaves a *receipt*
 ``(device, seq)`` -- the idempotency key of at-least-once telemetry -- which also records the
 time range the batch touched.
