@@ -124,7 +124,8 @@ class TimeSeriesStore:
         self.postgres = postgres
         self.max_series_per_device = max_series_per_device
         self._metric_ids: dict[str, int] = {}
-        self._series_ids: dict[tuple[str, str], int] = {}
+        #: device id -> metric name -> series id (per device: a batch's lookups share one dict)
+        self._series_ids: dict[str, dict[str, int]] = {}
 
         def q(sql: str) -> str:
             return driver_sql(sql, postgres)
@@ -243,22 +244,23 @@ class TimeSeriesStore:
         """Turn the points into rows now if every series id is cached (the common case): work
         done while the batch waits for its flush, not inside the write transaction, which is
         the one thing that cannot run in parallel."""
-        cache, dev = self._series_ids, item.device_id
+        ids = self._series_ids.get(item.device_id, {})
         try:
-            item.rows = [(cache[(dev, n)], ts, v) for n, ts, v in item.batch.points]
+            item.rows = [(ids[n], ts, v) for n, ts, v in item.batch.points]
         except KeyError:
             item.rows = None  # a new series: the flush creates it
 
     def remember(self, new: NewIds) -> None:
         self._metric_ids.update(new.metrics)
-        self._series_ids.update(new.series)
+        for (dev, name), sid in new.series.items():
+            self._series_ids.setdefault(dev, {})[name] = sid
 
     async def _series_for(self, conn: AsyncConnection, device_id: str, names: Iterable[str],
                           new: NewIds) -> dict[str, int]:
         ids: dict[str, int] = {}
         missing: list[str] = []
         for n in names:
-            sid = self._series_ids.get((device_id, n))
+            sid = self._series_ids.get(device_id, {}).get(n)
             if sid is None:
                 missing.append(n)
             else:
