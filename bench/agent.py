@@ -102,10 +102,11 @@ def _popen(args: list[str], log: Path, stdout: Any = None,
         return subprocess.Popen(args, stdout=stdout if stdout is not None else out, stderr=out, cwd=ROOT, env=env)
 
 
-#: what the compile step imports: the modules ``corral agent`` loads at start, so that the
-#: standard library's and the dependencies' modules they import get their ``.pyc`` too
-AGENT_MODULES = ("corral.cli.entry", "corral.agent.cli", "corral.agent.main", "corral.agent.platform.linux",
-                 "corral.agent.transport")
+#: what the compile step runs: the imports of ``corral agent`` at start and the reading of its
+#: command line, so that the standard library's and the dependencies' modules they import get
+#: their ``.pyc`` too
+AGENT_STARTUP = ("import corral.cli.entry, corral.agent.cli, corral.agent.main, corral.agent.platform.linux, "
+                 "corral.agent.transport; corral.agent.cli.parse_args(['--server', 'http://h', '--state-dir', 'd'])")
 
 
 def bytecode_env(pycache: Path) -> dict[str, str]:
@@ -125,10 +126,10 @@ def bytecode_env(pycache: Path) -> dict[str, str]:
 
 def compile_agent(env: dict[str, str]) -> None:
     """What ``pip install`` does for the agent, into ``env``'s cache prefix: byte-compile all of
-    ``corral`` (``compileall``) and import the agent's modules (which writes the ``.pyc`` of the
-    standard library and dependency modules they use)."""
+    ``corral`` (``compileall``) and run the agent's start-up imports (which writes the ``.pyc`` of
+    the standard library and dependency modules they use)."""
     subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "corral")], env=env, cwd=ROOT, check=True)
-    subprocess.run([PY, "-c", "import " + ", ".join(AGENT_MODULES)], env=env, cwd=ROOT, check=True)
+    subprocess.run([PY, "-c", AGENT_STARTUP], env=env, cwd=ROOT, check=True)
 
 
 def compiled_since(pycache: Path, t0: float) -> list[str]:
@@ -321,8 +322,8 @@ def run(window: float, settle: float, quick: bool, keep: bool = False) -> dict[s
         "is stated in; PSS (shared pages divided among their users) and USS (the agent's own pages: what "
         "stopping it frees) say what the agent costs the device beside its other processes.",
         f"The agent's resident memory by mapping, MB (end of window): {top} "
-        "(`[anon]` and `[heap]`: Python objects and allocator arenas; `_rust.abi3.so`: the `cryptography` "
-        "package's extension, which carries its own OpenSSL).",
+        "(`[anon]` and `[heap]`: Python objects and allocator arenas; `libcrypto`: OpenSSL, through `ssl` and "
+        "`hashlib`; `_sodium.abi3.so`: PyNaCl's libsodium; `_core…so`: msgspec's extension).",
         f"Beyond the bare interpreter the agent adds {mb(ag['rss_end'] - bare['rss_end']):.1f} MB of RSS "
         f"({mb(ag['uss_end'] - bare['uss_end']):.1f} MB USS); beyond a bare `websockets` client holding one "
         f"connection, {mb(ag['rss_end'] - wsc['rss_end']):.1f} MB RSS ({mb(ag['uss_end'] - wsc['uss_end']):.1f} MB "
