@@ -30,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Mapping
 from enum import IntEnum
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -40,6 +42,19 @@ NONCE_BYTES = 32
 DEVICE_ID_HEX_CHARS = 32
 
 AdmissionStatus = Literal["pending", "accepted", "rejected", "decommissioned"]
+
+#: A deployment's status on one device, in the manner of AWS IoT Jobs. The server holds
+#: ``queued`` until the device starts; the agent then reports ``in-progress`` with its current
+#: step, and exactly one final status. ``corral.core.update_flow`` decides which, and when.
+DeploymentStatus = Literal["queued", "in-progress", "succeeded", "failed", "rolled-back"]
+#: The changes of status a deployment may make on one device; a final status has none.
+DEPLOYMENT_STATUS_NEXT: Mapping[DeploymentStatus, frozenset[DeploymentStatus]] = MappingProxyType({
+    "queued": frozenset({"in-progress", "failed"}),  # failed: cancelled before it started
+    "in-progress": frozenset({"in-progress", "succeeded", "failed", "rolled-back"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "rolled-back": frozenset(),
+})
 
 
 class CloseCode(IntEnum):
