@@ -56,6 +56,8 @@ it interrupted, so a crash loop ends in ``gave_up``):
   nothing); the boot counter bounds the windows: past ``max_boot_attempts`` it rolls back.
 - committing: commit is idempotent: finish it.
 - rolling_back: rollback is idempotent ("make the previous slot active and running"): finish it.
+  A start is not held against it (a rootfs or agent rollback restarts by design, and the previous
+  version is the one known to work): only failures the rollback reports count toward giving up.
 - final states: nothing to do but report ``record.status`` again (the report may not have left)
   and, once the server has it, delete the record.
 
@@ -134,6 +136,8 @@ class EventKind(StrEnum):
     INSTALL_FAILED_IN_PLACE = "install_failed_in_place"
 
 
+#: The reason :func:`resume` gives: what a status says of a step that a crash interrupted.
+RESUMED_REASON = "the agent restarted"
 REFINED_EVENTS = frozenset({EventKind.GAVE_UP, EventKind.BOOT_COUNT_EXCEEDED, EventKind.INSTALL_FAILED_IN_PLACE})
 
 
@@ -276,7 +280,7 @@ class UpdateRecord(msgspec.Struct, frozen=True):
     def __post_init__(self) -> None:
         policy = KIND_POLICIES[self.artifact.kind]
         if policy.in_place != (self.target_slot is None):
-            raise ValueError(f"a {self.artifact.kind} update {'has no' if policy.in_place else 'needs a'} target slot")
+            raise ValueError(f"{self.artifact.kind} updates {'have no' if policy.in_place else 'need a'} target slot")
         if self.target_slot is not None and self.target_slot == self.previous_slot:
             raise ValueError(f"target slot {self.target_slot!r} is the running one")
         if self.status.status != _status_of(self.state):
@@ -379,12 +383,15 @@ class Transition:
     next: State
     actions: tuple[ActionKind, ...] = ()
     why: str = ""
+    counted: bool = True  # a loop on the same state is one more attempt of its step
 
 
-def _t(next_state: State, *rest: str) -> Transition:
+
+
+def _t(next_state: State, *rest: str, counted: bool = True) -> Transition:
     """A row: the next state, then the reason words (a plain str, if any), then the actions."""
     why = rest[0] if rest and not isinstance(rest[0], ActionKind) else ""
-    return Transition(next_state, tuple(ActionKind(a) for a in rest if isinstance(a, ActionKind)), why)
+    return Transition(next_state, tuple(ActionKind(a) for a in rest if isinstance(a, ActionKind)), why, counted)
 
 
 # fmt: off
@@ -452,7 +459,7 @@ _BY_STATE: dict[State, dict[EventKind, Transition]] = {
     S.ROLLING_BACK: {
         E.ROLLED_BACK:             _t(S.ROLLED_BACK, A.CLEANUP),
         E.ROLLBACK_FAILED:         _t(S.ROLLING_BACK, "rollback failed", A.ROLLBACK),        # idempotent: retry
-        E.RESUMED:                 _t(S.ROLLING_BACK, "interrupted", A.ROLLBACK),            # idempotent: finish
+        E.RESUMED:                 _t(S.ROLLING_BACK, "interrupted", A.ROLLBACK, counted=False),  # reboots by design
         E.GAVE_UP:                 _t(S.ROLLBACK_FAILED, "rollback failed"),                 # keep all for a person
     },
 }
@@ -478,7 +485,9 @@ def _refine(record: UpdateRecord, event: Event, limits: UpdateLimits) -> EventKi
     if kind is E.RESUMED and state in (S.RESTARTING, S.HEALTH_CHECKING):
         return E.BOOT_COUNT_EXCEEDED if record.boot_count >= limits.max_boot_attempts else kind
     budget = limits.attempts(state)
-    if budget is not None and (kind in RETRYABLE or kind is E.RESUMED) and record.attempts.get(state, 1) >= budget:
+    row = TRANSITIONS.get((state, kind))
+    counts = kind in RETRYABLE or (kind is E.RESUMED and row is not None and row.counted)
+    if budget is not None and counts and record.attempts.get(state, 1) >= budget:
         return E.GAVE_UP
     return kind
 
@@ -497,7 +506,7 @@ def step(
         raise InvalidTransition(record.state, event.kind)
     nxt = transition.next
     attempts = dict(record.attempts)
-    attempts[nxt] = attempts.get(nxt, 0) + 1 if nxt is record.state else 1
+    attempts[nxt] = attempts.get(nxt, 0) + transition.counted if nxt is record.state else 1
     boot_count, deadline = record.boot_count, record.health_deadline
     if nxt is S.HEALTH_CHECKING:  # every way into health_checking is one more start of the new version
         boot_count += 1
@@ -537,4 +546,4 @@ def resume(
     state. A final record is returned as it is, with no action: report its status again."""
     if record.final:
         return record, ()
-    return step(record, Event(E.RESUMED, now), limits)
+    return step(record, Event(E.RESUMED, now, RESUMED_REASON), limits)
