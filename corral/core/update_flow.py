@@ -22,24 +22,23 @@ The happy path, and where failures lead (``*`` = a retry or a resume loops on th
       ▼                ▼                        ▼ gave_up, cancel      ▼ gave_up
     ┌──────────────────────── failed (final: nothing the device runs was changed) ────────────┐
 
-    ─► switching* ─switched─► restarting ─restarted / resumed─► health_checking* ─healthy─►
-          │                      │                                │
-          │ switch_failed,       │ restart_failed,                │ unhealthy, health_timeout,
-          │ gave_up              │ boot_count_exceeded            │ boot_count_exceeded
-          ▼                      ▼                                ▼
-    ┌──────────────── rolling_back* ─rolled_back─► rolled_back (final) ───────────────────────┐
-                          │  ▲  gave_up                             ▲ gave_up
-                          │  └──────── committing* ◄────────────────┘ (from committing)
-                          ▼                 │ committed
-                   rollback_failed          ▼
-                   (final, reported        committed (final: the new version, made permanent)
-                    as failed)
+    ─► switching* ─switched─► restarting ─restarted, resumed─► health_checking* ─healthy─► committing*
+          │                      │                                  │                         │     │
+          │ switch_failed,       │ restart_failed,                  │ unhealthy,              │     │ committed
+          │ gave_up              │ boot_count_exceeded              │ health_timeout,         │     ▼
+          │                      │                                  │ boot_count_exceeded     │   committed (final:
+          ▼                      ▼                                  ▼                gave_up  ▼   the new version,
+    ┌──────────────────────────────── rolling_back* ────────────────────────────────────────┐    made permanent)
+        │ rolled_back                                   │ gave_up
+        ▼                                               ▼
+    rolled_back (final: the previous version          rollback_failed (final, reported as failed:
+    is active and runs again)                         the device needs a person)
 
 An in-place kind (script) goes from installing to rolling_back instead: its install hook may
 already have changed the system, so its rollback hook has to undo it.
 
-Resume after a crash, per state (the ``RESUMED`` rows; a resume counts as an attempt of the step
-it interrupted, so a crash loop ends in ``gave_up``):
+Resume after a crash, per state (the ``RESUMED`` rows). A resume counts as an attempt of the step
+it interrupted, so a crash loop there ends in ``gave_up``; on trial it counts a boot instead:
 
 - idle: nothing was done: start downloading.
 - downloading: download again; the partial file is kept and resumed with Range (the final TUF
