@@ -1,7 +1,7 @@
 """The TUF client: every update the agent installs is verified here, by ``tuf.ngclient``.
 
 It runs in the short-lived ``corral tuf-client`` process, never in the resident agent (ADR 0007,
-ADR 0009). Three operations, those of the tuf-conformance client contract:
+ADR 0010). Three operations, those of the tuf-conformance client contract:
 
 - :func:`init` stores a trusted root (``METADATA_DIR/root.json``); no network.
 - :meth:`TufClient.refresh` runs the TUF client workflow (root rotation, timestamp, snapshot,
