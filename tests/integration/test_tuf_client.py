@@ -21,7 +21,17 @@ from urllib.parse import quote, unquote
 
 import pytest
 from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
 from tuf.api.serialization.json import JSONSerializer
 
 from tests.conftest import corral_cmd
@@ -255,6 +265,28 @@ def test_init_refresh_download_and_skip_when_present(tmp_path: Path, served: tup
     assert stored.read_bytes() == new
     assert client.target_files() == [stored.name]
     assert client.version("targets") == 2
+
+
+def test_a_target_of_a_delegated_role_with_an_unusual_name(tmp_path: Path, served: tuple[Served, str]) -> None:
+    """Role names are quoted in URLs and in the metadata dir's file names (python-tuf's rule)."""
+    state, base = served
+    repo = Repository(state)
+    role, signer = "../releases?", CryptoSigner.generate_ed25519()
+    repo.targets.signed.delegations = Delegations(keys={}, roles={role: DelegatedRole(role, [], 1, True, ["apps/*"])})
+    repo.targets.signed.add_key(signer.public_key, role)
+    delegated = Metadata(Targets(expires=in_days(30)))
+    info = TargetFile.from_data("apps/demo.tar.zst", ARTIFACT, ["sha256"])
+    delegated.signed.targets[info.path] = info
+    state.files[repo.target_url_path(info)] = ARTIFACT
+    repo.snapshot.signed.meta[f"{role}.json"] = MetaFile(1)
+    repo.put_metadata(f"1.{role}.json", repo.signed(delegated, signer))
+    repo.publish()
+    client = new_client(tmp_path, base, repo)
+
+    ok(client.download(info.path))
+    assert ("/metadata/1.../releases?.json", None, None) in state.log
+    assert client.version(quote(role, "")) == 1
+    assert (client.target_dir / "apps%2Fdemo.tar.zst").read_bytes() == ARTIFACT
 
 
 def test_a_bearer_token_from_the_environment_goes_with_every_request(tmp_path: Path,
