@@ -22,12 +22,12 @@ The happy path, and where failures lead (``*`` = a retry or a resume loops on th
       ▼                ▼                        ▼ gave_up, cancel      ▼ gave_up
     ┌──────────────────────── failed (final: nothing the device runs was changed) ────────────┐
 
-    ─► switching* ─switched─► restarting ─restarted, resumed─► health_checking* ─healthy─► committing*
-          │                      │                                  │                         │     │
-          │ switch_failed,       │ restart_failed,                  │ unhealthy,              │     │ committed
-          │ gave_up              │ boot_count_exceeded              │ health_timeout,         │     ▼
-          │                      │                                  │ boot_count_exceeded     │   committed (final:
-          ▼                      ▼                                  ▼                gave_up  ▼   the new version,
+    ─► switching* ─switched─► restarting* ─restarted, resumed─► health_checking* ─healthy─► committing*
+          │                      │                                   │                         │     │
+          │ switch_failed,       │ restart_failed,                   │ unhealthy,              │     │ committed
+          │ gave_up              │ gave_up,                          │ health_timeout,         │     ▼
+          │                      │ boot_count_exceeded               │ boot_count_exceeded     │   committed (final:
+          ▼                      ▼                                   ▼                gave_up  ▼   the new version,
     ┌──────────────────────────────── rolling_back* ────────────────────────────────────────┐    made permanent)
         │ rolled_back                                   │ gave_up
         ▼                                               ▼
@@ -49,7 +49,9 @@ it interrupted, so a crash loop there ends in ``gave_up``; on trial it counts a 
 - switching: the switch is idempotent ("make slot X active"): switch again.
 - restarting: the start that finds the record *is* the restart (a rootfs reboot, the agent
   restarted under its watchdog); for an app the agent's supervisor starts the active slot's
-  process on start. Count a boot and start the health check.
+  process on start. Count a boot and start the health check. But when the I/O layer says the new
+  version is not what runs (``resume(..., restarted=False)``: the agent died before the reboot or
+  hand-over), restart again, as one more attempt.
 - health_checking: another start of the new version while on trial: count a boot and open a new
   health window (the wall clock may have jumped across a reboot, so an old deadline means
   nothing); the boot counter bounds the windows: past ``max_boot_attempts`` it rolls back.
@@ -121,6 +123,7 @@ class EventKind(StrEnum):
     SWITCH_FAILED = "switch_failed"
     RESTARTED = "restarted"
     RESTART_FAILED = "restart_failed"
+    NOT_RESTARTED = "not_restarted"  # from resume(): the agent started, but not into the new version
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
     HEALTH_TIMEOUT = "health_timeout"
@@ -179,6 +182,7 @@ class UpdateLimits:
     verify_attempts: int = 3
     install_attempts: int = 2
     switch_attempts: int = 3
+    restart_attempts: int = 3
     commit_attempts: int = 5
     rollback_attempts: int = 5
     max_boot_attempts: int = 3
@@ -196,6 +200,7 @@ class UpdateLimits:
             State.VERIFYING: self.verify_attempts,
             State.INSTALLING: self.install_attempts,
             State.SWITCHING: self.switch_attempts,
+            State.RESTARTING: self.restart_attempts,
             State.COMMITTING: self.commit_attempts,
             State.ROLLING_BACK: self.rollback_attempts,
         }
@@ -436,6 +441,8 @@ _BY_STATE: dict[State, dict[EventKind, Transition]] = {
     S.RESTARTING: {
         E.RESTARTED:               _t(S.HEALTH_CHECKING, A.START_HEALTH_CHECK),              # first start of the new
         E.RESUMED:                 _t(S.HEALTH_CHECKING, A.START_HEALTH_CHECK),              # this start is the restart
+        E.NOT_RESTARTED:           _t(S.RESTARTING, "not restarted", A.RESTART),             # died before it: again
+        E.GAVE_UP:                 _t(S.ROLLING_BACK, "restart kept failing", A.ROLLBACK),
         E.RESTART_FAILED:          _t(S.ROLLING_BACK, "restart failed", A.ROLLBACK),
         E.BOOT_COUNT_EXCEEDED:     _t(S.ROLLING_BACK, "crash loop", A.ROLLBACK),
     },
@@ -468,7 +475,7 @@ TRANSITIONS: Mapping[tuple[State, EventKind], Transition] = MappingProxyType(
 )
 
 #: Failures that are retried on the same state while attempts remain.
-RETRYABLE = frozenset({E.DOWNLOAD_FAILED, E.COMMIT_FAILED, E.ROLLBACK_FAILED})
+RETRYABLE = frozenset({E.DOWNLOAD_FAILED, E.NOT_RESTARTED, E.COMMIT_FAILED, E.ROLLBACK_FAILED})
 
 
 def _refine(record: UpdateRecord, event: Event, limits: UpdateLimits) -> EventKind:
@@ -539,10 +546,16 @@ def _action(kind: ActionKind, record: UpdateRecord) -> Action:
 
 
 def resume(
-    record: UpdateRecord, now: float, limits: UpdateLimits = DEFAULT_LIMITS
+    record: UpdateRecord, now: float, limits: UpdateLimits = DEFAULT_LIMITS, *, restarted: bool = True
 ) -> tuple[UpdateRecord, tuple[Action, ...]]:
     """What to do when the agent starts and finds ``record`` on disk: the ``RESUMED`` row of its
-    state. A final record is returned as it is, with no action: report its status again."""
+    state. A final record is returned as it is, with no action: report its status again.
+
+    ``restarted`` matters in ``restarting`` only: whether the version now running is the one the
+    restart was to start (the booted slot, the running agent's version). False means the agent
+    died before the reboot or hand-over: restart again, not a health check of the old version."""
     if record.final:
         return record, ()
+    if record.state is S.RESTARTING and not restarted:
+        return step(record, Event(E.NOT_RESTARTED, now, RESUMED_REASON), limits)
     return step(record, Event(E.RESUMED, now, RESUMED_REASON), limits)

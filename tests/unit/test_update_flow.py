@@ -28,6 +28,7 @@ from corral.core.update_flow import (
     EventKind,
     InvalidTransition,
     State,
+    Status,
     UpdateLimits,
     UpdateRecord,
     decode,
@@ -309,7 +310,7 @@ def drive(record: UpdateRecord, device: Device, *, crash_in: State | None = None
             if midway and actions:
                 device.crash_during(actions[0])
             device.agent_started()
-            record, actions = resume(decode(encode(record)), now, LIMITS)
+            record, actions = resume(decode(encode(record)), now, LIMITS, restarted=device.running == "2.0")
             path.append(f"crash>{record.state.value}")
             continue
         follow = None
@@ -323,7 +324,7 @@ def drive(record: UpdateRecord, device: Device, *, crash_in: State | None = None
             return record, path
         if restarted:
             device.agent_started()
-            record, actions = resume(decode(encode(record)), now, LIMITS)
+            record, actions = resume(decode(encode(record)), now, LIMITS, restarted=device.running == "2.0")
         else:
             assert follow is not None, (record.state, actions)
             record, actions = step(record, Event(follow, now), LIMITS)
@@ -359,11 +360,6 @@ def test_a_crash_in_any_state_ends_on_the_new_version_or_the_old_one(kind: Artif
     if kind == "script" and state is S.INSTALLING:
         assert record.state is S.ROLLED_BACK, path  # a half-run install hook is undone, not redone
         assert record.reason == "install failed: the agent restarted"
-    elif kind in ("rootfs", "agent") and state is S.RESTARTING and not midway:
-        # The agent died before the reboot (the hand-over): its next start is taken for the restart,
-        # the health check finds the old version running, and the device rolls back. Safe, truthful.
-        assert record.state is S.ROLLED_BACK, path
-        assert record.reason == "unhealthy"
     else:
         assert record.state is S.COMMITTED, path
 
@@ -413,6 +409,24 @@ def test_resume_row(state: State, after: State, actions: list[ActionKind]) -> No
     if after is state and state not in (S.HEALTH_CHECKING, S.ROLLING_BACK):
         assert acts[0].attempt == 2  # a crash counts as an attempt of the interrupted step
         assert record.status.reason == "interrupted: the agent restarted (attempt 2)"
+
+
+@pytest.mark.parametrize("kind", ["rootfs", "agent"])
+def test_a_start_that_is_not_the_restart_restarts_again_then_gives_up(kind: ArtifactKind) -> None:
+    """The agent died before the reboot (hand-over): the old version runs, so that start is not the
+    restart. Restart again, as one more attempt; when they are spent, roll back."""
+    r = run(kind, *HAPPY[:5])
+    record, actions = resume(r.record, r.now + 1, LIMITS, restarted=False)
+    assert record.state is S.RESTARTING and record.boot_count == 0
+    assert actions == (Action(A.RESTART, attempt=2, slot="b", restart=KIND_POLICIES[kind].restart),)
+    assert record.status == Status("in-progress", "restarting", "not restarted: the agent restarted (attempt 2)")
+    record, _ = resume(record, r.now + 2, LIMITS, restarted=False)
+    record, actions = resume(record, r.now + 3, LIMITS, restarted=False)  # restart_attempts = 3
+    assert record.state is S.ROLLING_BACK and actions[0].kind is A.ROLLBACK
+    assert record.reason == "restart kept failing: the agent restarted"
+    # in any other state the flag changes nothing
+    other = run(kind, *HAPPY[:6]).record
+    assert resume(other, 5000.0, LIMITS, restarted=False) == resume(other, 5000.0, LIMITS)
 
 
 def test_a_crash_loop_before_the_switch_gives_up_cleanly() -> None:
@@ -578,10 +592,10 @@ class FlowMachine(RuleBasedStateMachine):
         self._apply(record, event)
 
     @precondition(lambda self: not self.record.final)
-    @rule(jump=st.floats(-1e6, 1e6))
-    def crash(self, jump: float) -> None:
+    @rule(jump=st.floats(-1e6, 1e6), restarted=st.booleans())
+    def crash(self, jump: float, restarted: bool) -> None:
         self.now += jump  # a device without an RTC may come back at any time
-        record, actions = resume(decode(encode(self.record)), self.now, LIMITS)
+        record, actions = resume(decode(encode(self.record)), self.now, LIMITS, restarted=restarted)
         assert actions, "every non-final state has something to do on resume"
         self._apply(record, E.RESUMED)
 
@@ -615,8 +629,7 @@ def test_against_the_model_device_it_is_always_the_old_version_or_the_new_one(
     device = Device(kind, new_is_healthy=healthy)
     record, path = drive(record_for(kind), device, crash_in=crash_in, midway=midway)
     assert_old_or_new(record, device)
-    unlucky = (kind == "script" and crash_in is S.INSTALLING) or (
-        kind in ("rootfs", "agent") and crash_in is S.RESTARTING and not midway)
+    unlucky = kind == "script" and crash_in is S.INSTALLING
     assert (record.state is S.COMMITTED) == (healthy and not unlucky), path
 
 
