@@ -1,0 +1,20 @@
+"""ADR 0007: the installers are imported only when an update runs; what stays resident for
+installed apps (the supervisor and the manifest reader) loads none of the archive or HTTP code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_app_supervisor_leaves_the_installers_heavy_imports_out() -> None:
+    code = "import sys, corral.agent.update.supervisor; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.split())
+    unwanted = {"tarfile", "zstandard", "gzip", "shutil", "tempfile", "http.client", "urllib.request",
+                "corral.agent.update.bundle", "corral.agent.update.health", "corral.agent.update.app_bundle",
+                "corral.agent.update.rootfs", "corral.agent.update.update_module", "tuf"}
+    assert loaded & unwanted == set()
