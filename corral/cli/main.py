@@ -12,6 +12,7 @@ import typer
 
 from corral.cli import config as cli_config
 from corral.cli import monitoring
+from corral.cli.artifact import app as artifact_app
 from corral.cli.client import Client
 from corral.cli.common import JsonOpt, ServerOpt, TokenOpt, client, parse_kv
 from corral.cli.output import emit_json, kv, table
@@ -42,8 +43,9 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="database URL (default: 
 def _server_config(data_dir: Path, db: str | None, bind: str = "127.0.0.1:8080", bus: str | None = None,
                    heartbeat: float | None = None, allow_pending: bool = True,
                    max_handshakes: int | None = None, rollup_interval: float | None = None,
-                   alert_interval: float | None = None) -> Any:
-    from corral.server.config import Limits, Monitoring, ServerConfig, Timeouts
+                   alert_interval: float | None = None, artifact_dir: Path | None = None,
+                   max_artifact_bytes: int | None = None) -> Any:
+    from corral.server.config import Limits, Monitoring, ServerConfig, Timeouts, Updates
     from corral.server.main import saved_db_url
 
     host, port = parse_bind(bind)
@@ -61,9 +63,12 @@ def _server_config(data_dir: Path, db: str | None, bind: str = "127.0.0.1:8080",
         monitoring = dataclasses.replace(monitoring, rollup_interval=rollup_interval)
     if alert_interval is not None:
         monitoring = dataclasses.replace(monitoring, alert_interval=alert_interval)
+    updates = Updates(artifact_dir=artifact_dir)
+    if max_artifact_bytes is not None:
+        updates = dataclasses.replace(updates, max_artifact_bytes=max_artifact_bytes)
     return ServerConfig(data_dir=data_dir, host=host, port=port, db_url=db or saved_db_url(data_dir) or "",
                         bus_url=bus or "", timeouts=timeouts, allow_pending=allow_pending, limits=limits,
-                        monitoring=monitoring)
+                        monitoring=monitoring, updates=updates)
 
 
 @server_app.callback()
@@ -78,6 +83,9 @@ def server(
     max_handshakes: Annotated[int | None, typer.Option(min=1, help="device handshakes at once (more: 4429)")] = None,
     rollup_interval: Annotated[float | None, typer.Option(help="seconds between metric rollup runs (60)")] = None,
     alert_interval: Annotated[float | None, typer.Option(help="seconds between alert evaluations (15)")] = None,
+    artifact_dir: Annotated[Path | None, typer.Option(
+        "--artifact-dir", help="where artifacts are stored (DATA_DIR/artifacts; shared by replicas)")] = None,
+    max_artifact_bytes: Annotated[int | None, typer.Option(min=1, help="largest artifact upload (4 GiB)")] = None,
 ) -> None:
     """Initialize the data dir if needed, then run the server."""
     if ctx.invoked_subcommand is not None:
@@ -85,7 +93,7 @@ def server(
     from corral.server.main import init, serve
 
     cfg = _server_config(data_dir, db, bind, bus, heartbeat_interval, allow_pending, max_handshakes,
-                         rollup_interval, alert_interval)
+                         rollup_interval, alert_interval, artifact_dir, max_artifact_bytes)
     creds = init(cfg)
     if creds is not None:
         sys.stderr.write(
@@ -111,6 +119,24 @@ def server_init(
         emit_json(creds)
     else:
         kv(creds)
+
+
+@server_app.command("export-root-key")
+def server_export_root_key(
+    out: Annotated[Path, typer.Option("--out", help="file to write the TUF root key to (must not exist)")],
+    data_dir: DataDirOpt = Path("corral-data"),
+    remove: Annotated[bool, typer.Option("--remove", help="then delete it from the data dir (offline root)")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export the TUF root key for offline storage (ADR 0011); --remove takes it off the server."""
+    from corral.server.updates.tuf_repo import export_root_key
+
+    doc = export_root_key(data_dir, out, remove)
+    if json_out:
+        emit_json(doc)
+    else:
+        sys.stderr.write(f"root key {doc['keyid']} written to {out}"
+                         + (" and removed from the server\n" if remove else "\n"))
 
 
 # --- login ----------------------------------------------------------------------------------
@@ -468,6 +494,7 @@ def user_token(
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.add_typer(webhook_app, name="webhook")
+app.add_typer(artifact_app, name="artifact")
 
 
 @audit_app.command("list")

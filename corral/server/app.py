@@ -28,6 +28,7 @@ from corral.server.secrets import load_audit_key
 from corral.server.store.db import create_engine, is_sqlite, session_factory
 from corral.server.telemetry_writer import TelemetryWriter
 from corral.server.tsdb import TimeSeriesStore
+from corral.server.updates.tuf_repo import Keys
 from corral.server.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         ctx = ServerContext(config=config, engine=engine, sessions=session_factory(engine),
                             audit_key=load_audit_key(config.data_dir), bus=bus,
                             sqlite=is_sqlite(config.database_url))
+        ctx.tuf = Keys.load(config.data_dir)
         ctx.commits = GroupCommitter(ctx)
         ctx.commits.start()
         webhook_dispatcher = WebhookDispatcher(ctx)
@@ -106,14 +108,29 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     metrics = ServerMetrics(lambda: getattr(app.state, "ctx", None))
     app.add_middleware(RequestTimer, metrics=metrics)
-    app.add_middleware(api_errors.BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
+    # artifact uploads stream to disk under their own limit (Updates.max_artifact_bytes)
+    app.add_middleware(api_errors.BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes,
+                       exempt=(("POST", "/api/v1/artifacts"),))
     app.add_middleware(api_errors.RequestIdMiddleware)  # outermost: every response carries an id
     api_errors.install(app)
 
-    from corral.server.api import alerts, audit, auth, devices, enrollment, groups, monitoring, rules, webhooks
+    from corral.server.api import (
+        alerts,
+        artifacts,
+        audit,
+        auth,
+        devices,
+        enrollment,
+        groups,
+        monitoring,
+        rules,
+        tuf,
+        webhooks,
+    )
 
-    for module in (auth, devices, groups, enrollment, audit, monitoring, rules, webhooks, alerts):
+    for module in (auth, devices, groups, enrollment, audit, monitoring, rules, webhooks, alerts, artifacts, tuf):
         app.include_router(module.router, prefix="/api/v1")
+    app.include_router(tuf.device_router)  # the device surface's HTTP side: TUF metadata and targets
 
     @app.get("/healthz", tags=["server"])
     async def healthz() -> JSONResponse:

@@ -111,6 +111,38 @@ class WebhookSettings:
             raise ValueError("webhook retry_scale must be > 0")
 
 
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Updates:
+    """The artifact store and the TUF repository (``corral.server.updates``, ADR 0011)."""
+
+    artifact_dir: Path | None = None  # None: DATA_DIR/artifacts (shared storage with several replicas)
+    max_artifact_bytes: int = 4 << 30  # an upload over this is refused with 413 and nothing is kept
+    max_sbom_bytes: int = 16 << 20  # a CycloneDX/SPDX JSON document, held in memory while parsed
+    max_sbom_components: int = 100_000
+    # How long each role's metadata is valid after it is signed. The online roles (targets,
+    # snapshot, timestamp) are re-signed by the server; root only while its key is on the server.
+    root_expiry: float = 365 * DAY
+    targets_expiry: float = 365 * DAY
+    snapshot_expiry: float = 7 * DAY
+    timestamp_expiry: float = 1 * DAY
+    resign_interval: float = 3600.0  # how often the job looks for metadata close to its expiry
+    # a role is re-signed once less than this fraction of its validity period remains
+    resign_margin: float = 0.5
+    # superseded versions of N.targets.json / N.snapshot.json kept for clients in mid-refresh
+    keep_versions: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0 < self.resign_margin < 1:
+            raise ValueError("updates resign_margin must be between 0 and 1")
+        if self.resign_interval >= self.timestamp_expiry * self.resign_margin:
+            raise ValueError("updates resign_interval must be shorter than the timestamp's re-sign margin")
+        if self.keep_versions < 1 or self.max_artifact_bytes < 1:
+            raise ValueError("updates keep_versions and max_artifact_bytes must be positive")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path = Path("corral-data")
@@ -126,6 +158,11 @@ class ServerConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     monitoring: Monitoring = field(default_factory=Monitoring)
+    updates: Updates = field(default_factory=Updates)
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.updates.artifact_dir or self.data_dir / "artifacts"
 
     @property
     def database_url(self) -> str:

@@ -70,6 +70,22 @@ async def _create_admin(config: ServerConfig, name: str) -> dict[str, Any]:
         await engine.dispose()
 
 
+async def _ensure_tuf_repository(config: ServerConfig) -> None:
+    """The TUF keys (created once) and root/targets/snapshot/timestamp version 1 (ADR 0011)."""
+    import time
+
+    from corral.server.updates import tuf_repo
+
+    keys = tuf_repo.ensure_keys(config.data_dir)
+    config.artifact_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(config.database_url)
+    try:
+        async with session_factory(engine)() as db, db.begin():
+            await tuf_repo.create(db, keys, config.updates, time.time())
+    finally:
+        await engine.dispose()
+
+
 def init(config: ServerConfig, admin_user: str = "admin") -> dict[str, Any] | None:
     """Create the data dir, secrets, schema and the first admin. Returns the admin's credentials,
     or None when the installation already has users (its data is reused as it is)."""
@@ -78,6 +94,7 @@ def init(config: ServerConfig, admin_user: str = "admin") -> dict[str, Any] | No
     if config.db_url:
         save_settings(config.data_dir, config.db_url)
     migrate.upgrade(config.database_url)
+    asyncio.run(_ensure_tuf_repository(config))
     if asyncio.run(_has_users(config.database_url)):
         return None
     creds = asyncio.run(_create_admin(config, admin_user))

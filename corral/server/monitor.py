@@ -1,4 +1,5 @@
-"""The server's periodic monitoring jobs: rollups, retention, alert evaluation.
+"""The server's periodic jobs: rollups, retention, alert evaluation, and re-signing TUF
+metadata before it expires (``corral.server.updates.tuf_repo.resign_due``).
 
 Each job is a loop with its own period (``ServerConfig.monitoring``) that survives its own
 failures (logged, retried next period). With several replicas every replica runs the loops;
@@ -33,6 +34,8 @@ class Monitor:
             asyncio.create_task(self._every(m.rollup_interval, self.rollup_once, "rollup"), name="corral-rollup"),
             asyncio.create_task(self._every(m.prune_interval, self.prune_once, "retention"), name="corral-prune"),
             asyncio.create_task(self._every(m.alert_interval, self.alerts_once, "alerts"), name="corral-alerts"),
+            asyncio.create_task(self._every(self.ctx.config.updates.resign_interval, self.resign_once, "tuf-resign"),
+                                name="corral-tuf-resign"),
         ]
 
     async def stop(self) -> None:
@@ -78,6 +81,16 @@ class Monitor:
         from corral.server.alerts import evaluate_all
 
         return await evaluate_all(self.ctx)
+
+    async def resign_once(self, now: float | None = None) -> list[str]:
+        """Re-sign the TUF roles close to their expiry; the roles re-signed."""
+        from corral.server.updates.tuf_repo import resign_due
+
+        async with self.ctx.writer() as db:
+            done = await resign_due(db, self.ctx.tuf, self.ctx.config.updates, time.time() if now is None else now)
+        if done:
+            log.info("TUF metadata re-signed: %s", ", ".join(done))
+        return done
 
     async def prune_once(self) -> dict[str, int]:
         async with self.ctx.writer() as db:

@@ -93,14 +93,16 @@ class RequestIdMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over the configured limit with 413, before anything parses them."""
+    """Refuses request bodies over the configured limit with 413, before anything parses them.
+    ``exempt`` (method, path) pairs stream their bodies under a limit of their own."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: tuple[tuple[str, str], ...] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.exempt:
             await self.app(scope, receive, send)
             return
         for k, v in scope.get("headers", []):

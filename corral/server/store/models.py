@@ -21,6 +21,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -391,3 +392,63 @@ class WebhookDelivery(Base):
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_webhook", "webhook_id", "created_at"),
     )
+
+
+# --- updates: artifact store and TUF repository (corral.server.updates, ADR 0011) ---------------
+
+
+class Artifact(Base):
+    """An uploaded artifact. Its bytes live in the artifact folder under their sha256
+    (content-addressed: two artifacts with the same bytes share a file); ``target_path`` is its
+    TUF target name, ``NAME/VERSION/FILENAME``."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # app | rootfs | script | agent
+    hardware: Mapped[list[Any]] = mapped_column(JSON, default=list)  # compatible device models
+    filename: Mapped[str] = mapped_column(String(128))
+    target_path: Mapped[str] = mapped_column(String(300), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    # build provenance
+    git_commit: Mapped[str | None] = mapped_column(String(64))
+    build_url: Mapped[str | None] = mapped_column(Text)
+    build_time: Mapped[float | None] = mapped_column(Double)
+    sbom_format: Mapped[str | None] = mapped_column(String(64))  # e.g. "CycloneDX 1.5", "SPDX-2.3"
+    created_at: Mapped[float] = mapped_column(Double)
+    created_by: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_artifacts_name_version"),)
+
+
+class ArtifactComponent(Base):
+    """One component (package) of an artifact's SBOM; ``key`` is the lower-cased name, indexed
+    for "which artifacts contain X"."""
+
+    __tablename__ = "artifact_components"
+
+    artifact_id: Mapped[int] = mapped_column(Integer, ForeignKey("artifacts.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    key: Mapped[str] = mapped_column(String(256), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    version: Mapped[str | None] = mapped_column(String(128))
+    purl: Mapped[str | None] = mapped_column(Text)
+    type: Mapped[str | None] = mapped_column(String(32))
+
+
+class TufMetadata(Base):
+    """Signed TUF metadata, every kept version of every role, as served (``data`` is the JSON).
+    In the database so that every server replica serves the same repository and a new version
+    is published in the same transaction as the artifact rows it describes."""
+
+    __tablename__ = "tuf_metadata"
+
+    role: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    expires: Mapped[float] = mapped_column(Double)
+    created_at: Mapped[float] = mapped_column(Double)
