@@ -27,13 +27,13 @@ bundle's manifest must carry). The flow's actions (see :mod:`.installers`):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.agent.update import health as checks
 from corral.agent.update.bundle import extract_bundle, scan_bundle
 from corral.agent.update.installers import (
+    CURRENT,
     SLOTS,
     ArtifactRefused,
     Checked,
@@ -41,11 +41,13 @@ from corral.agent.update.installers import (
     HealthResult,
     InstallError,
     SpaceBudget,
+    active_slot,
     free_space,
+    point_current,
     remove_tree,
 )
-from corral.agent.update.manifest import read_manifest
-from corral.agent.update.supervisor import CURRENT, Supervisor, active_slot
+from corral.agent.update.manifest import AppManifest, read_manifest
+from corral.agent.update.supervisor import Supervisor
 
 INSTALLED_MARKER = ".corral-installed"
 
@@ -61,11 +63,13 @@ class AppConfig:
 
 
 class AppInstaller:
-    def __init__(self, config: AppConfig, name: str, supervisor: Supervisor) -> None:
+    def __init__(self, config: AppConfig, name: str, supervisor: Supervisor, *, app_dir: Path | None = None,
+                 require_run: bool = False) -> None:
         self.config = config
         self.name = name
         self.supervisor = supervisor
-        self.app_dir = config.apps_dir / name
+        self.app_dir = app_dir if app_dir is not None else config.apps_dir / name
+        self.require_run = require_run  # the agent's own bundle: [run] starts the agent
 
     def slot_dir(self, slot: str) -> Path:
         if slot not in SLOTS:
@@ -85,13 +89,15 @@ class AppInstaller:
         except (InstallError, OSError):
             return None
 
-    def _of_this_app(self, info_name: str) -> None:
-        if info_name != self.name:
-            raise ArtifactRefused(f"bundle is for app {info_name!r}, not {self.name!r}")
+    def _of_this_app(self, manifest: AppManifest) -> None:
+        if manifest.name != self.name:
+            raise ArtifactRefused(f"bundle is for app {manifest.name!r}, not {self.name!r}")
+        if self.require_run and manifest.run is None:
+            raise ArtifactRefused(f"the {self.name} bundle has no [run] command")
 
     def check(self, artifact: Path) -> Checked:
         info = scan_bundle(artifact, self.config.max_entries)
-        self._of_this_app(info.manifest.name)
+        self._of_this_app(info.manifest)
         self.app_dir.mkdir(parents=True, exist_ok=True)
         SpaceBudget(self.app_dir, self.config.free, self.config.reserve).take(info.size, f"app {self.name}")
         health = info.manifest.health
@@ -108,7 +114,7 @@ class AppInstaller:
         try:
             budget = SpaceBudget(dest, self.config.free, self.config.reserve)
             manifest = extract_bundle(artifact, dest, budget, self.config.max_entries)
-            self._of_this_app(manifest.name)
+            self._of_this_app(manifest)
             (dest / INSTALLED_MARKER).write_bytes(manifest.version.encode())
         except BaseException:
             remove_tree(dest)
@@ -117,18 +123,7 @@ class AppInstaller:
     def switch(self, slot: str | None) -> None:
         if slot is None or self.version(slot) is None:
             raise InstallError(f"app {self.name}: slot {slot} holds no installed version")
-        if self.active() == slot:
-            return
-        link = self.app_dir / CURRENT
-        tmp = self.app_dir / f".{CURRENT}.{os.getpid()}.tmp"
-        tmp.unlink(missing_ok=True)
-        os.symlink(f"slots/{slot}", tmp)
-        os.replace(tmp, link)
-        fd = os.open(self.app_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        point_current(self.app_dir, slot)
 
     def restart(self, slot: str | None) -> None:
         if self.active() != slot:

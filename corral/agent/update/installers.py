@@ -26,10 +26,12 @@ CLEANUP             ``cleanup()``: drop what the deployment left (work dirs, a f
 ``running_slot()`` answers the one question the flow leaves to the I/O layer: whether the
 version that runs now is the one a restart was to start (``resume(..., restarted=)``).
 
-The kinds: :mod:`.app_bundle` (A/B slot directories, a supervised process), :mod:`.rootfs` (an
-inactive partition and a bootloader environment), :mod:`.update_module` (a user executable with
-Mender-style hooks, in place). This module holds what they share: the errors, the archive
-opener (gzip or zstd, by magic), the free-space seam and bounded subprocess output.
+The kinds (``KIND_POLICIES``): ``app`` is :mod:`.app_bundle` (A/B slot directories, a
+supervised process), ``rootfs`` is :mod:`.rootfs` (an inactive partition and a bootloader
+environment), ``script`` is :mod:`.update_module` (a user executable with Mender-style hooks, in
+place), ``agent`` is :mod:`.self_update` (the agent's own A/B directory, handed over through
+:mod:`.watchdog`). This module holds what they share: the errors, the slot link, the archive
+opener (gzip or zstd, by magic), the free-space seam, atomic writes and bounded subprocess output.
 
 Only the update runner imports the installers, when an update runs (ADR 0007): ``tarfile``,
 ``zstandard``, ``http.client`` and ``shutil`` stay out of the idle agent. The app supervisor
@@ -72,6 +74,51 @@ class DiskFull(InstallError):
     removed what it had written; the active slot is untouched."""
 
     code = "disk_full"
+
+
+CURRENT = "current"
+
+
+def active_slot(root: Path) -> str | None:
+    """The slot ``root/current`` points to (``slots/<slot>``), or None before the first switch."""
+    try:
+        target = os.readlink(root / CURRENT)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return Path(target).name
+
+
+def point_current(root: Path, slot: str) -> None:
+    """Make ``root/current`` point to ``slots/<slot>`` with one rename: whoever reads it (or a
+    crash) sees the old target or the new, never neither. Idempotent."""
+    if active_slot(root) == slot:
+        return
+    tmp = root / f".{CURRENT}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(f"slots/{slot}", tmp)
+    os.replace(tmp, root / CURRENT)
+    fsync_dir(root)
+
+
+def write_file_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` (temp file, fsync, rename, fsync of the directory).
+    ``corral.agent.identity.atomic_write`` does the same, but importing it loads ``msgspec``
+    and PyNaCl, which the watchdog does without."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def other_slot(slot: str) -> str:

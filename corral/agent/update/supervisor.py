@@ -37,13 +37,11 @@ from pathlib import Path
 
 import psutil
 
-from corral.agent.identity import atomic_write
-from corral.agent.update.installers import InstallError, kill_group
+from corral.agent.update.installers import InstallError, active_slot, kill_group, write_file_atomically
 from corral.agent.update.manifest import AppManifest, read_manifest
 
 log = logging.getLogger("corral.agent.update.supervisor")
 
-CURRENT = "current"
 RUN_FILE = "run.json"
 CREATE_TIME_TOLERANCE = 1.0  # seconds
 
@@ -53,15 +51,6 @@ class Running:
     pid: int
     slot: str
     create_time: float
-
-
-def active_slot(app_dir: Path) -> str | None:
-    """The slot ``current`` points to, or None before the first switch."""
-    try:
-        target = os.readlink(app_dir / CURRENT)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return Path(target).name
 
 
 def app_dirs(apps_dir: Path) -> list[Path]:
@@ -143,7 +132,7 @@ class Supervisor:
         running = Running(proc.pid, slot, create_time)
         self._children[name] = proc
         self._exit_codes.pop(name, None)
-        atomic_write(self._dir(name) / RUN_FILE,
+        write_file_atomically(self._dir(name) / RUN_FILE,
                      json.dumps({"pid": proc.pid, "slot": slot, "create_time": create_time}).encode())
         log.info("app %s %s: started %r from slot %s (pid %d)", name, manifest.version,
                  manifest.run.command, slot, proc.pid)

@@ -40,7 +40,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.agent.identity import atomic_write
 from corral.agent.update.installers import (
     ArtifactRefused,
     Checked,
@@ -48,6 +47,7 @@ from corral.agent.update.installers import (
     InstallError,
     remove_tree,
     run_command,
+    write_file_atomically,
 )
 
 log = logging.getLogger("corral.agent.update.module")
@@ -114,7 +114,7 @@ class ModuleInstaller:
     def _mark(self, hook: str, how: str) -> None:
         state = self._state()
         state[hook] = how
-        atomic_write(self.work_dir / "state.json", json.dumps(state).encode(), 0o600)
+        write_file_atomically(self.work_dir / "state.json", json.dumps(state).encode(), 0o600)
 
     def hook(self, hook: str) -> str:
         """Run one hook; its output's tail on success, :class:`InstallError` with it on failure."""
