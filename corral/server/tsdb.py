@@ -425,17 +425,19 @@ class TimeSeriesStore:
                      future_ms: int) -> list[tuple[str, int, float]]:
         """A device's latest point per metric, as (metric name, ts, value) sorted by name.
 
-        Almost every series' latest point is in the minutes not rolled up yet (plus ten): those
-        are searched per (minute, series). A series quiet for longer is found through its last
-        1-minute rollup, whose minute is then searched for the point (a point that only late
-        data not yet rolled up holds shows up after the next rollup)."""
+        Almost every series' latest point is in the minutes not rolled up yet (plus ten; before
+        the first rollup, every minute): those are searched per (minute, series). A series quiet
+        for longer is found through its last 1-minute rollup, whose minute is then searched for
+        the point (a point that only late data not yet rolled up holds shows up after the next
+        rollup)."""
         series = {sid: name for sid, name in (await db.execute(
             select(Series.id, MetricName.name).join(MetricName, MetricName.id == Series.metric_id)
             .where(Series.device_id == device_id))).all()}
         if not series:
             return []
         c1m, _ = await self.watermarks(db)
-        lo = min(c1m or now_ms, now_ms - 10 * MINUTE_MS)
+        # before the first rollup nothing is in the rollups: search all the raw points
+        lo = min(c1m, now_ms - 10 * MINUTE_MS) if c1m else 0
         found = await self._last_points(db, list(series), lo, now_ms + future_ms + 1)
         quiet = [sid for sid in series if sid not in found]
         if quiet:

@@ -256,6 +256,8 @@ def test_latest_value_per_metric_recent_and_quiet(db_url: str) -> None:
                 async with sessions() as db, db.begin():
                     _, new = await store.ingest(db, DEV, seq, batch(pts), None, now / 1000)
                 store.remember(new)
+            async with sessions() as db:  # before any rollup: found in the raw points, however old
+                assert [n for n, _, _ in await store.latest(db, DEV, now, 5 * MINUTE_MS)] == ["busy", "gone", "quiet"]
             async with sessions() as db, db.begin():  # once the receipts settled
                 assert (await store.rollup(db, now / 1000 + 5, recent_ms=10 * HOUR_MS))["devices"] == 1
             async with sessions() as db, db.begin():  # only "gone"'s minute is older than an hour
