@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from corral.agent.update.installers import ArtifactRefused, InstallError
+from corral.agent.update.installers import ArtifactRefused, DiskFull, InstallError
 from corral.agent.update.rootfs import BootEnv, RootfsConfig, RootfsInstaller, SimBootloader, read_bootenv
 
 PARTITION = 4 * 1024 * 1024
@@ -138,3 +138,17 @@ def test_the_image_streams_in_bounded_memory(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 1024 * 1024, peak
+
+
+@pytest.mark.skipif(not os.access("/dev/full", os.W_OK), reason="needs a writable /dev/full")
+def test_a_real_enospc_is_disk_full(tmp_path: Path) -> None:
+    """/dev/full answers every write with ENOSPC: the install stops with DiskFull, the slot is
+    not marked installed, and switching to it is refused."""
+    dev = Device(tmp_path)
+    config = RootfsConfig({"a": dev.config.partitions["a"], "b": Path("/dev/full")}, dev.config.bootenv,
+                          dev.config.state_dir, partition_size=PARTITION, boot_limit=2)
+    installer = RootfsInstaller(config, version="2", booted_slot=dev.loader.booted_slot, reboot=dev.reboot)
+    with pytest.raises(DiskFull, match="disk full while writing /dev/full"):
+        installer.install(image(tmp_path / "rootfs.img", 100_000)[0], "b")
+    with pytest.raises(InstallError, match="no complete rootfs image"):
+        installer.switch("b")
