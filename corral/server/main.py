@@ -75,9 +75,11 @@ async def _ensure_tuf_repository(config: ServerConfig) -> None:
     import time
 
     from corral.server.updates import tuf_repo
+    from corral.server.updates.artifacts import remove_stale_uploads
 
     keys = tuf_repo.ensure_keys(config.data_dir)
     config.artifact_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_uploads(config.artifact_dir, time.time())
     engine = create_engine(config.database_url)
     try:
         async with session_factory(engine)() as db, db.begin():

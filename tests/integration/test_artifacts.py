@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,3 +264,13 @@ def test_targets_and_metadata_are_served_with_range(sqlite_server: ServerProc) -
         assert c.get(f"{meta}/2.root.json").status_code == 404  # the client's "no newer root"
         assert c.get(f"{meta}/root.json").status_code == 404
     assert s.api("GET", "/tuf/root.json").json() == httpx.get(f"{meta}/1.root.json").json()
+
+
+def test_uploads_cut_off_by_a_crash_are_removed_at_start(sqlite_server: ServerProc) -> None:
+    s = sqlite_server
+    stale, fresh = s.data_dir / "artifacts" / ".upload-stale", s.data_dir / "artifacts" / ".upload-fresh"
+    stale.write_bytes(b"x" * 100)
+    fresh.write_bytes(b"y" * 100)  # another replica's upload in progress
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    s.restart()
+    assert not stale.exists() and fresh.exists()

@@ -53,6 +53,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^v?[0-9]+(\.[0-9]+)*([-+~][0-9A-Za-z][0-9A-Za-z.+~-]*)?$")
 _FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _COMMIT = re.compile(r"^[0-9a-f]{7,64}$")
+#: an ``.upload-*`` file untouched this long is left from a server that died mid-upload
+STALE_UPLOAD_SECONDS = 3600.0
 #: bytes gathered before a write to the temporary file (each write is a hop to a thread)
 WRITE_CHUNK = 1 << 20
 
@@ -193,6 +195,20 @@ async def receive(body: AsyncIterator[bytes], artifact_dir: Path, sbom_size: int
             _close(f, False)
             os.unlink(name)
     return Received(tmp=Path(name), sha256=h.hexdigest(), size=size, sbom=bytes(sbom))
+
+
+def remove_stale_uploads(artifact_dir: Path, now: float) -> int:
+    """Delete temporary files of uploads that were cut off by a crash (at startup). Another
+    replica's upload in progress keeps its file's mtime fresh, so it is not touched."""
+    removed = 0
+    for path in artifact_dir.glob(".upload-*"):
+        try:
+            if now - path.stat().st_mtime > STALE_UPLOAD_SECONDS:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 # --- rows ----------------------------------------------------------------------------------------

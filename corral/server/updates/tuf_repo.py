@@ -214,15 +214,16 @@ async def _prune(db: AsyncSession, keep: int) -> None:
 async def create(db: AsyncSession, keys: Keys, cfg: Updates, now: float) -> bool:
     """Version 1 of every role, unless the repository exists; then check that the keys the
     server holds are the ones root trusts. Returns whether it created the repository."""
+    await lock(db)  # two replicas initializing at once: one creates, the other checks
     existing = await _latest(db, ROOT)
     if existing is not None:
         root: Root = Metadata[Root].from_bytes(existing.data).signed
         for role in ROLES:
             signer = keys.root if role == ROOT else keys.online[role]
             if signer is not None and signer.public_key.keyid not in root.roles[role].keyids:
-                raise TufError(f"the {role} key in secrets/tuf/ is not the one the repository's root trusts")
+                raise TufError(f"the {role} key in secrets/tuf/ is not the one the repository's root trusts: "
+                               "every replica needs the secrets/tuf/ of the server that created the repository")
         return False
-    await lock(db)
     root = Root(expires=_expires(now, cfg.root_expiry), consistent_snapshot=True)
     for role in ROLES:
         root.add_key(keys.signer(role).public_key, role)
