@@ -198,6 +198,9 @@ def test_bad_input_is_refused_and_changes_nothing(art_server: ServerProc, tmp_pa
         r = upload(s, data, sbom=sbom, **params)
         assert r.status_code == status, (params, r.text)
         assert r.json()["detail"].startswith(detail), (params, r.json())
+    r = s.api("POST", "/artifacts", params={"name": "demo", "version": "2.0", "kind": "app"},
+              files={"file": ("a.bin", b"x")})
+    assert r.status_code == 400 and "not as a form" in r.json()["detail"]
     # an SBOM size that runs past the body
     r = s.api("POST", "/artifacts", params={"name": "demo", "version": "2.0", "kind": "app", "sbom_size": 100},
               content=b"{}")
@@ -264,6 +267,9 @@ def test_targets_and_metadata_are_served_with_range(sqlite_server: ServerProc) -
         assert c.get(f"{meta}/2.root.json").status_code == 404  # the client's "no newer root"
         assert c.get(f"{meta}/root.json").status_code == 404
     assert s.api("GET", "/tuf/root.json").json() == httpx.get(f"{meta}/1.root.json").json()
+    paths = httpx.get(f"{s.url}/openapi.json").json()["paths"]
+    assert {"/api/v1/artifacts", "/api/v1/artifacts/{name}/{version}", "/api/v1/artifacts/components",
+            "/api/v1/tuf/root.json", "/device/v1/tuf/targets/{path}"} <= set(paths)
 
 
 def test_uploads_cut_off_by_a_crash_are_removed_at_start(sqlite_server: ServerProc) -> None:

@@ -4,6 +4,7 @@ server, tampering refused, the offline root key, and re-signing before expiry on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ from urllib.parse import quote
 import pytest
 from tuf.api.metadata import Metadata
 
+from corral.errors import NotFound
 from tests.conftest import ServerProc
 from tests.integration.test_artifacts import payload, tuf_versions, upload
 from tests.integration.test_tuf_client import Client, failed, ok
@@ -164,5 +166,21 @@ async def _resign_on_a_fake_clock(db_url: str, tmp_path: Path) -> None:
         ctx.tuf = tuf_repo.Keys.load(tmp_path)
         assert await monitor.resign_once(now=t0 + 400 * DAY) == ["targets", "snapshot", "timestamp"]
         assert (await roles())["root"]["version"] == 2
+
+        # superseded targets/snapshot versions beyond keep_versions are pruned; every root stays
+        keep2 = dataclasses.replace(config.updates, keep_versions=2)
+        for i in range(3):
+            async with ctx.writer() as db:
+                await tuf_repo.add_target(db, ctx.tuf, keep2, t0 + 400 * DAY, f"a/{i}", 1, "0" * 64, {})
+        newest = (await roles())["targets"]["version"]
+        async with ctx.reader() as db:
+            for role, version, kept in [("targets", newest, True), ("targets", newest - 1, True),
+                                        ("targets", newest - 2, False), ("snapshot", 1, False), ("root", 1, True)]:
+                try:
+                    await tuf_repo.metadata_file(db, f"{version}.{role}.json")
+                    assert kept, (role, version)
+                except NotFound:
+                    assert not kept, (role, version)
+        assert sorted((await current("targets")).signed.targets) == ["a/0", "a/1", "a/2"]
     finally:
         await engine.dispose()

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
+from starlette.requests import ClientDisconnect
 
 from corral.errors import InvalidInput, PayloadTooLarge
 from corral.server.api.deps import Ctx, Operator, Paging, Viewer, encode_cursor, rid
@@ -130,9 +131,15 @@ async def upload_artifact(
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) - sbom_size > u.max_artifact_bytes:
         raise PayloadTooLarge(f"the artifact is larger than {u.max_artifact_bytes} bytes (max_artifact_bytes)")
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        raise InvalidInput("send the artifact as the raw request body (application/octet-stream), not as a form")
     async with ctx.reader() as db:
         await artifacts.check_new(db, spec)
-    received = await artifacts.receive(request.stream(), ctx.config.artifact_dir, sbom_size, u.max_artifact_bytes)
+    try:
+        received = await artifacts.receive(request.stream(), ctx.config.artifact_dir, sbom_size,
+                                           u.max_artifact_bytes)
+    except ClientDisconnect:  # nothing was kept; nobody is left to answer
+        raise InvalidInput("the client went away before the upload ended") from None
     try:
         parsed = sbom.parse(received.sbom, u.max_sbom_components) if sbom_size else None
     except BaseException:
