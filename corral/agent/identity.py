@@ -29,6 +29,7 @@ from nacl.signing import SigningKey
 
 from corral import protocol
 from corral.errors import InvalidInput
+from corral.fileio import atomic_write, fsync_dir, write_temp
 
 log = logging.getLogger("corral.agent.identity")
 
@@ -88,62 +89,9 @@ def ensure_private_dir(path: Path) -> None:
         raise InvalidInput(f"state dir {path}: {exc.strerror or exc}") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # not every platform/filesystem lets a directory be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _create_temp(path: Path) -> tuple[int, Path]:
-    """A new file beside ``path`` (``.NAME.RANDOM.tmp``, created exclusively, mode 0600): what
-    ``tempfile.mkstemp`` does, without importing ``tempfile`` (it brings ``shutil``, ``bz2`` and
-    ``lzma``: ~0.6 MB of the agent's RSS, ADR 0007)."""
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no unused temporary name beside {path}")
-
-
-def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    fd, tmp = _create_temp(path)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
-    tmp = _write_temp(path, data, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _create_exclusive(path: Path, data: bytes, mode: int = FILE_MODE) -> bool:
     """Atomically create ``path`` unless it exists; False if another writer got there first."""
-    tmp = _write_temp(path, data, mode)
+    tmp = write_temp(path, data, mode)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -151,12 +99,12 @@ def _create_exclusive(path: Path, data: bytes, mode: int = FILE_MODE) -> bool:
     except OSError:
         # filesystems without hard links: fall back to rename (last writer wins)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 

@@ -30,8 +30,8 @@ import msgspec
 
 from corral import protocol as p
 from corral.agent.config import RulesConfig
-from corral.agent.identity import atomic_write
 from corral.agent.platform.base import Platform
+from corral.fileio import atomic_write
 
 if TYPE_CHECKING:
     from corral.agent.rule_engine import RuleEngine

@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from corral import protocol
 from corral.agent import identity as identity_mod
-from corral.agent.identity import AgentState, Identity, StateStore, atomic_write
+from corral.agent.identity import AgentState, Identity, StateStore
 from corral.errors import InvalidInput
+from corral.fileio import atomic_write
 
 
 def mode(p: Path) -> int:
@@ -134,7 +135,7 @@ def test_creating_loses_to_a_key_created_concurrently(tmp_path: Path, monkeypatc
     """Two agents starting at once on one state dir must end up with one identity."""
     state = tmp_path / "s"
     winner = Identity.load_or_create(tmp_path / "w")
-    real_write_temp = identity_mod._write_temp
+    real_write_temp = identity_mod.write_temp
 
     def racing_write_temp(path: Path, data: bytes, mode: int) -> Path:
         # the other process finishes its key between our exists() check and our link()
@@ -142,7 +143,7 @@ def test_creating_loses_to_a_key_created_concurrently(tmp_path: Path, monkeypatc
         (state / "device.key").chmod(0o600)
         return real_write_temp(path, data, mode)
 
-    monkeypatch.setattr(identity_mod, "_write_temp", racing_write_temp)
+    monkeypatch.setattr(identity_mod, "write_temp", racing_write_temp)
     ident = Identity.load_or_create(state)
     assert ident.device_id == winner.device_id
     assert sorted(p.name for p in state.iterdir()) == ["device.key"]

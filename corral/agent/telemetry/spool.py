@@ -62,7 +62,8 @@ from typing import Protocol
 
 import msgspec
 
-from corral.agent.identity import atomic_write, ensure_private_dir
+from corral.agent.identity import ensure_private_dir
+from corral.fileio import atomic_write
 
 log = logging.getLogger("corral.agent.telemetry.spool")
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from corral.errors import CorralError
+from corral.fileio import fsync_dir
 
 SLOTS = ("a", "b")
 CHUNK = 64 * 1024
@@ -98,27 +99,6 @@ def point_current(root: Path, slot: str) -> None:
     os.symlink(f"slots/{slot}", tmp)
     os.replace(tmp, root / CURRENT)
     fsync_dir(root)
-
-
-def write_file_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` (temp file, fsync, rename, fsync of the directory).
-    ``corral.agent.identity.atomic_write`` does the same, but importing it loads ``msgspec``
-    and PyNaCl, which the watchdog does without."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def other_slot(slot: str) -> str:

@@ -57,8 +57,8 @@ from corral.agent.update.installers import (
     disk_full_as_error,
     open_decompressed,
     other_slot,
-    write_file_atomically,
 )
+from corral.fileio import atomic_write
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def read_bootenv(path: Path, boot_limit: int = 3) -> BootEnv:
 
 
 def write_bootenv(path: Path, env: BootEnv) -> None:
-    write_file_atomically(path, format_bootenv(env), 0o644)
+    atomic_write(path, format_bootenv(env), 0o644)
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,12 @@ class SimBootloader:
     def __init__(self, bootenv: Path, booted_file: Path, boot_limit: int = 3) -> None:
         self.bootenv, self.booted_file, self.boot_limit = bootenv, booted_file, boot_limit
         if not booted_file.exists():  # a device that has never rebooted runs what the env says
-            write_file_atomically(booted_file, read_bootenv(bootenv, boot_limit).active_slot.encode(), 0o644)
+            atomic_write(booted_file, read_bootenv(bootenv, boot_limit).active_slot.encode(), 0o644)
 
     def reboot(self) -> str:
         slot, env = boot(read_bootenv(self.bootenv, self.boot_limit))
         write_bootenv(self.bootenv, env)
-        write_file_atomically(self.booted_file, slot.encode(), 0o644)
+        atomic_write(self.booted_file, slot.encode(), 0o644)
         return slot
 
     def booted_slot(self) -> str:
@@ -170,7 +170,7 @@ class RootfsInstaller:
         else:
             slots[slot] = entry
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        write_file_atomically(self.slots_file, json.dumps(slots, sort_keys=True).encode(), 0o644)
+        atomic_write(self.slots_file, json.dumps(slots, sort_keys=True).encode(), 0o644)
 
     def _partition(self, slot: str) -> Path:
         try:

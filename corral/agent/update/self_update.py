@@ -39,11 +39,11 @@ from corral.agent.update.installers import (
     InstallError,
     active_slot,
     free_space,
-    fsync_dir,
     point_current,
 )
 from corral.agent.update.supervisor import Supervisor
 from corral.agent.update.watchdog import ROLLBACK, TRIAL, Trial, read_rollback, write_trial
+from corral.fileio import fsync_dir
 
 AGENT_BUNDLE = "corral-agent"
 

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import psutil
 
-from corral.agent.update.installers import InstallError, active_slot, kill_group, write_file_atomically
+from corral.agent.update.installers import InstallError, active_slot, kill_group
 from corral.agent.update.manifest import AppManifest, read_manifest
+from corral.fileio import atomic_write
 
 log = logging.getLogger("corral.agent.update.supervisor")
 
@@ -132,7 +133,7 @@ class Supervisor:
         running = Running(proc.pid, slot, create_time)
         self._children[name] = proc
         self._exit_codes.pop(name, None)
-        write_file_atomically(self._dir(name) / RUN_FILE,
+        atomic_write(self._dir(name) / RUN_FILE,
                      json.dumps({"pid": proc.pid, "slot": slot, "create_time": create_time}).encode())
         log.info("app %s %s: started %r from slot %s (pid %d)", name, manifest.version,
                  manifest.run.command, slot, proc.pid)

@@ -34,6 +34,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 
 from corral.agent.update.fetcher import HttpFetcher, TufClientError, describe
+from corral.fileio import atomic_write, fsync_dir
 
 # python-tuf logs what it is about to raise; the CLI says it once, on one line
 logging.getLogger("tuf").addHandler(logging.NullHandler())
@@ -51,7 +52,7 @@ def init(metadata_dir: Path, trusted_root: Path) -> None:
         Metadata[Root].from_bytes(data)
     except (exceptions.RepositoryError, ValueError, KeyError, TypeError) as e:
         raise TufClientError(f"{trusted_root} is not TUF root metadata: {describe(e)}") from e
-    write_atomically(metadata_dir / "root.json", data)
+    atomic_write(metadata_dir / "root.json", data)
 
 
 @dataclass
@@ -125,19 +126,3 @@ class TufClient:
         return base_url.rstrip("/") + "/" + quote(path)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -47,8 +47,8 @@ from corral.agent.update.installers import (
     InstallError,
     remove_tree,
     run_command,
-    write_file_atomically,
 )
+from corral.fileio import atomic_write
 
 log = logging.getLogger("corral.agent.update.module")
 
@@ -114,7 +114,7 @@ class ModuleInstaller:
     def _mark(self, hook: str, how: str) -> None:
         state = self._state()
         state[hook] = how
-        write_file_atomically(self.work_dir / "state.json", json.dumps(state).encode(), 0o600)
+        atomic_write(self.work_dir / "state.json", json.dumps(state).encode(), 0o600)
 
     def hook(self, hook: str) -> str:
         """Run one hook; its output's tail on success, :class:`InstallError` with it on failure."""

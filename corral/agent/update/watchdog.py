@@ -47,8 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from corral.agent.update.installers import active_slot, kill_group, point_current, write_file_atomically
+from corral.agent.update.installers import active_slot, kill_group, point_current
 from corral.agent.update.manifest import read_manifest
+from corral.fileio import atomic_write
 
 EXIT_RESTART = 75  # EX_TEMPFAIL: "start me (or the new me) again"
 TRIAL = "trial.json"
@@ -71,7 +72,7 @@ def read_trial(root: Path) -> Trial | None:
 
 
 def write_trial(root: Path, trial: Trial) -> None:
-    write_file_atomically(root / TRIAL, json.dumps(vars(trial)).encode(), 0o644)
+    atomic_write(root / TRIAL, json.dumps(vars(trial)).encode(), 0o644)
 
 
 def read_rollback(root: Path) -> dict[str, str] | None:
@@ -108,7 +109,7 @@ class Watchdog:
             kill_group(self.child.pid)
             self.child.wait()
         point_current(self.root, trial.previous)
-        write_file_atomically(self.root / ROLLBACK, json.dumps({"slot": trial.slot, "reason": reason}).encode(), 0o644)
+        atomic_write(self.root / ROLLBACK, json.dumps({"slot": trial.slot, "reason": reason}).encode(), 0o644)
         (self.root / TRIAL).unlink(missing_ok=True)
         print(f"corral watchdog: agent slot {trial.slot} {reason}: back to slot {trial.previous}",
               file=sys.stderr, flush=True)

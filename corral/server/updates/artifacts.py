@@ -35,8 +35,8 @@ from typing import IO, Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral.agent.update.tuf_client import fsync_dir
 from corral.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from corral.fileio import fsync_dir
 from corral.server.auth import Principal
 from corral.server.context import ServerContext
 from corral.server.store.models import Artifact, ArtifactComponent
@@ -231,10 +231,12 @@ async def check_new(db: AsyncSession, spec: Spec) -> None:
 
 
 async def deployments_referencing(db: AsyncSession, artifact: Artifact) -> list[str]:
-    """Ids of deployments or rollouts that still need ``artifact``; a delete is refused while
-    there are any. HOOK for the deployment layer (issue 5): there is no deployment table yet,
-    so nothing references an artifact. Query the new tables here."""
-    return []
+    """Ids of deployments (later: rollouts) that still need ``artifact``; a delete is refused
+    while there are any. A deployment keeps its artifact for its history (delete the deployment
+    first), as ``deployments.artifact_id`` is a restricting foreign key."""
+    from corral.server.updates import deployments  # imports this module
+
+    return await deployments.referencing(db, artifact.id)
 
 
 def blob_path(artifact_dir: Path, sha256: str) -> Path:
