@@ -41,7 +41,7 @@ DOCS_FILE = ROOT / "docs" / "benchmarks.md"
 PY = sys.executable
 
 #: the order sections appear in the docs
-BENCH_ORDER = ("connections", "registry", "ingest", "agent")
+BENCH_ORDER = ("connections", "registry", "ingest", "agent", "download")
 
 
 # --- processes and limits -----------------------------------------------------------------
