@@ -16,6 +16,15 @@ The handshake, in order::
     server → status    {status}         (a pending device was accepted)
     device → telemetry {seq, series, events, dropped}   server → telemetry_ack {seq, ...}
     server → rules     {version, rules}                 device → rules_ack {version, refused}
+    server → deploy    {deployment_id, artifact, tuf}   device → deployment_status {deployment_id, seq, ...}
+                                                        server → deployment_ack {deployment_id, seq}
+
+Deployments are at-least-once both ways: the server sends ``deploy`` again on every connect while
+the device's status is not final (the agent ignores a deployment it already has a record of, and
+re-sends that record's status), and the agent re-sends its last ``deployment_status`` after a
+reconnect until the ``deployment_ack`` for that ``seq`` (or a later one) arrives. The server keeps
+a report only if its ``seq`` is newer than the one it holds: duplicates and stale reports are
+acked and ignored.
 
 Telemetry is at-least-once (DESIGN §3): the agent spools every batch on disk under a per-device
 sequence number and deletes it only after the ``telemetry_ack`` for that ``seq``; the server
@@ -262,9 +271,46 @@ class RulesAck(msgspec.Struct, omit_defaults=True):
     refused: dict[str, str] = {}
 
 
+class Deploy(msgspec.Struct, omit_defaults=True):
+    """Install an artifact (issue 4). The bytes are fetched and verified with ``corral tuf-client``
+    from ``metadata_url``/``target_base_url`` (ADR 0010/0011); ``health_timeout`` (seconds), when
+    set, overrides the artifact's own ``[health] timeout``."""
+
+    deployment_id: str
+    name: str
+    version: str
+    kind: Literal["app", "rootfs", "script", "agent"]
+    target_name: str
+    metadata_url: str
+    target_base_url: str
+    sha256: str = ""
+    size: int = 0
+    health_timeout: float | None = None
+
+
+class DeploymentReport(msgspec.Struct, omit_defaults=True):
+    """A deployment's status on this device; ``seq`` grows with every step (ADR 0009)."""
+
+    deployment_id: str
+    seq: int
+    status: DeploymentStatus
+    step: str = ""
+    reason: str = ""
+    #: the version of the artifact's name running now ("" when none)
+    running_version: str = ""
+
+
+class DeploymentAck(msgspec.Struct, omit_defaults=True):
+    """The server holds the report of ``seq`` (or a newer one): the agent may stop re-sending it."""
+
+    deployment_id: str
+    seq: int
+
+
 MessageBody = (
     Challenge | Hello | Welcome | Status | Inventory | Heartbeat | HeartbeatAck | Command | CommandAck
-    | CommandResult | Error | Telemetry | TelemetryAck | Rules | RulesAck
+    | CommandResult | Error | Telemetry | TelemetryAck | Rules | RulesAck | Deploy | DeploymentReport
+    | DeploymentAck
 )
 
 #: type name on the wire -> body struct
@@ -284,6 +330,9 @@ MESSAGE_TYPES: dict[str, type[msgspec.Struct]] = {
     "telemetry_ack": TelemetryAck,
     "rules": Rules,
     "rules_ack": RulesAck,
+    "deploy": Deploy,
+    "deployment_status": DeploymentReport,
+    "deployment_ack": DeploymentAck,
 }
 TYPE_NAMES: dict[type[msgspec.Struct], str] = {v: k for k, v in MESSAGE_TYPES.items()}
 

@@ -15,6 +15,8 @@ from corral.cli import monitoring
 from corral.cli.artifact import app as artifact_app
 from corral.cli.client import Client
 from corral.cli.common import JsonOpt, ServerOpt, TokenOpt, client, parse_kv
+from corral.cli.deploy import app as deployment_app
+from corral.cli.deploy import deploy as deploy_command
 from corral.cli.output import emit_json, kv, table
 from corral.cli.webhook import app as webhook_app
 from corral.errors import CorralError, InvalidInput
@@ -495,6 +497,8 @@ audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=Tr
 app.add_typer(audit_app, name="audit")
 app.add_typer(webhook_app, name="webhook")
 app.add_typer(artifact_app, name="artifact")
+app.add_typer(deployment_app, name="deployment")
+app.command("deploy")(deploy_command)
 
 
 @audit_app.command("list")

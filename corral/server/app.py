@@ -119,6 +119,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         artifacts,
         audit,
         auth,
+        deployments,
         devices,
         enrollment,
         groups,
@@ -128,7 +129,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         webhooks,
     )
 
-    for module in (auth, devices, groups, enrollment, audit, monitoring, rules, webhooks, alerts, artifacts, tuf):
+    for module in (auth, devices, groups, enrollment, audit, monitoring, rules, webhooks, alerts, artifacts, tuf,
+                   deployments):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(tuf.device_router)  # the device surface's HTTP side: TUF metadata and targets
 

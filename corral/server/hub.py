@@ -41,10 +41,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from corral import protocol as p
 from corral.core.admission import Action, decide
 from corral.core.ingest import BatchRefused, clean_batch
-from corral.server import registry, rules_store
+from corral.server import registry, rules_store, webhooks
 from corral.server.context import ServerContext
 from corral.server.store.models import Device, DeviceCommand, Group
 from corral.server.tsdb import Incoming, SeriesLimitExceeded
+from corral.server.updates import deployments
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Hub:
         await bus.subscribe("command.*.done", self._on_command_done)
         await bus.subscribe(rules_store.RULES_CHANGED, self._on_rules_changed)
         await bus.subscribe("device.*.rules", self._on_device_rules)
+        await bus.subscribe("device.*.deploy", self._on_deploy)
         # Sessions this replica held before a restart are gone: mark their devices offline.
         async with self.ctx.writer() as db:
             await db.execute(
@@ -229,6 +231,7 @@ class Hub:
             if status == "accepted":
                 await self._deliver_queued(session)
                 await self._push_rules([session])
+                await self._deliver_deployments(session)
         except BaseException:
             await self._end(session)  # registered and marked online: undo both
             raise
@@ -298,6 +301,8 @@ class Hub:
                 await self._ingest(s, body)
             elif isinstance(body, p.RulesAck):
                 await self._rules_ack(s, body)
+            elif isinstance(body, p.DeploymentReport):
+                await self._deployment_report(s, body)
             else:
                 raise _Close(p.CloseCode.MALFORMED, f"unexpected message {env.type!r}")
 
@@ -385,6 +390,28 @@ class Hub:
     async def _rules_ack(self, s: DeviceSession, ack: p.RulesAck) -> None:
         refused = {str(k)[:64]: str(v)[:500] for k, v in list(ack.refused.items())[:1000]}
         await self.ctx.commits.write(lambda db: rules_store.record_ack(db, s.device_id, ack.version[:64], refused))
+
+    # --- deployments (issue 4) -------------------------------------------------------------------
+
+    async def _deliver_deployments(self, s: DeviceSession) -> None:
+        """Every deployment this device has not finished, again on every connect: the agent
+        ignores one it already holds a record of, and re-sends that record's status."""
+        async with self.ctx.reader() as db:
+            pending = await deployments.pending_for(db, s.device_id)
+        for msg in pending:
+            await self._send(s, msg)
+
+    async def _deployment_report(self, s: DeviceSession, report: p.DeploymentReport) -> None:
+        """Store the report if it is newer (by seq) and allowed, then ack it either way: a
+        stale or repeated report is acked so the agent stops re-sending it."""
+        if s.status != "accepted":
+            return
+        now = time.time()
+        stored = await self.ctx.commits.write(
+            lambda db: deployments.record_report(db, s.device_id, report, now))
+        if stored and report.status in deployments.FINAL:
+            webhooks.notify(self.ctx)
+        await self._send(s, p.DeploymentAck(deployment_id=report.deployment_id, seq=report.seq))
 
     # --- sending and closing ----------------------------------------------------------------
 
@@ -504,6 +531,14 @@ class Hub:
                 await self._send(s, p.Status(status="accepted"))
                 await self._deliver_queued(s)
                 await self._push_rules([s])
+                await self._deliver_deployments(s)
+
+    async def _on_deploy(self, subject: str, data: bytes) -> None:
+        s = self.sessions.get(subject.split(".")[1])
+        if s is None or s.status != "accepted":
+            return  # told when it connects (or is accepted)
+        with contextlib.suppress(Exception):
+            await self._send(s, msgspec.json.decode(data, type=p.Deploy))
 
     async def _on_command_done(self, subject: str, data: bytes) -> None:
         for fut in self._waiters.get(subject.split(".")[1], []):

@@ -452,3 +452,43 @@ class TufMetadata(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
     expires: Mapped[float] = mapped_column(Double)
     created_at: Mapped[float] = mapped_column(Double)
+
+
+# --- deployments (issue 4) ---------------------------------------------------------------------
+
+
+class Deployment(Base):
+    """An artifact deployed to a list of devices. ``status`` summarises the devices' statuses:
+    ``queued`` (none started), ``in-progress``, then ``succeeded`` (all) or ``failed`` (some
+    failed or rolled back). The TUF URLs are the ones the operator's request reached the server
+    by, and go to the devices as they are."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    artifact_id: Mapped[int] = mapped_column(Integer, ForeignKey("artifacts.id", ondelete="RESTRICT"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    metadata_url: Mapped[str] = mapped_column(Text)
+    target_base_url: Mapped[str] = mapped_column(Text)
+    health_timeout: Mapped[float | None] = mapped_column(Double)
+    created_at: Mapped[float] = mapped_column(Double, index=True)
+    created_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class DeploymentDevice(Base):
+    """One device's part of a deployment, as the device last reported it (``seq`` is the
+    report's; a report with a ``seq`` not above it is stale and ignored)."""
+
+    __tablename__ = "deployment_devices"
+
+    deployment_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    step: Mapped[str] = mapped_column(String(32), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    running_version: Mapped[str] = mapped_column(String(64), default="")
+    updated_at: Mapped[float] = mapped_column(Double)

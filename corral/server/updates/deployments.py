@@ -1,0 +1,201 @@
+"""Deployments: an artifact to a list of devices, with each device's status (issue 4).
+
+A deployment is created in one transaction after every check passed (the artifact exists, every
+device exists, is accepted and is compatible with the artifact's hardware list), so a refused
+request creates nothing. The hub sends each device a ``deploy`` message while its status is not
+final, on every connect (at-least-once, DESIGN §3); the device's ``deployment_status`` reports
+are kept only when their ``seq`` is newer and the change of status is one AWS IoT Jobs allows
+(:func:`accept_report`), so a duplicate or a late report never moves a status back.
+
+The pure bookkeeping (:func:`accept_report`, :func:`summarise`) is what the rollout engine
+builds on; it is unit-tested without a database.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from corral import protocol as p
+from corral.errors import InvalidInput, NotFound
+from corral.server import webhooks
+from corral.server.auth import Principal
+from corral.server.context import ServerContext
+from corral.server.store.models import Artifact, Deployment, DeploymentDevice, Device
+from corral.server.updates import artifacts
+
+#: devices in one direct deployment (a fleet goes through rollouts)
+MAX_DEVICES = 1000
+FINAL: frozenset[str] = frozenset({"succeeded", "failed", "rolled-back"})
+#: the webhook event of a device reaching a final status; ``data.status`` says which
+DEVICE_FINISHED_EVENT = "deployment.device_finished"
+
+
+def accept_report(current: str, current_seq: int, status: str, seq: int) -> bool:
+    """Whether a device's report (``status`` at ``seq``) replaces what is stored.
+
+    Stale or repeated reports (``seq`` not above the stored one) are ignored, and so is a change
+    AWS IoT Jobs does not allow (a final status never changes). From ``queued`` a report may
+    jump past ``in-progress``: the agent re-sends only its latest report, so the in-progress
+    ones before a final one can be lost on the way."""
+    if seq <= current_seq or status not in p.DEPLOYMENT_STATUS_NEXT:
+        return False
+    allowed = set(p.DEPLOYMENT_STATUS_NEXT[current])  # type: ignore[index]
+    if current == "queued":
+        allowed |= p.DEPLOYMENT_STATUS_NEXT["in-progress"]
+    return status in allowed
+
+
+def summarise(statuses: Iterable[str]) -> str:
+    """A deployment's status from its devices': queued until one starts, in-progress until all
+    are final, then succeeded when all succeeded, else failed."""
+    seen = list(statuses)
+    if not seen or all(s == "queued" for s in seen):
+        return "queued"
+    if any(s not in FINAL for s in seen):
+        return "in-progress"
+    return "succeeded" if all(s == "succeeded" for s in seen) else "failed"
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    name, sep, version = ref.partition("@")
+    if not sep or not name or not version:
+        raise InvalidInput(f"artifact must be NAME@VERSION, not {ref!r}")
+    return name, version
+
+
+@dataclass(frozen=True)
+class Request:
+    artifact: str
+    devices: list[str]
+    metadata_url: str
+    target_base_url: str
+    health_timeout: float | None = None
+
+
+def _check_devices(a: Artifact, ids: list[str], found: dict[str, Device]) -> None:
+    for d in ids:
+        dev = found.get(d)
+        if dev is None:
+            raise InvalidInput(f"no device {d!r}")
+        if dev.status != "accepted":
+            raise InvalidInput(f"device {d} is {dev.status}; deployments go to accepted devices only")
+        model = (dev.inventory or {}).get("model")
+        if a.hardware and model and model not in a.hardware:
+            raise InvalidInput(f"{a.name}@{a.version} is for {', '.join(a.hardware)}; device {d} is a {model}")
+
+
+async def create(ctx: ServerContext, who: Principal, req: Request, request_id: str) -> str:
+    """Check everything, then create the deployment and its devices' rows (queued) in one
+    transaction; returns its id. The caller tells the online devices (:func:`publish`)."""
+    name, version = split_ref(req.artifact)
+    ids = list(dict.fromkeys(req.devices))
+    if not ids:
+        raise InvalidInput("devices needs at least one device id")
+    if len(ids) > MAX_DEVICES:
+        raise InvalidInput(f"at most {MAX_DEVICES} devices per deployment (use a rollout for more)")
+    dep_id = secrets.token_hex(8)
+    now = time.time()
+    async with ctx.writer() as db:
+        a = await artifacts.find(db, name, version)
+        if a is None:
+            raise InvalidInput(f"no artifact {name}@{version}")
+        found = {d.id: d for d in (await db.scalars(select(Device).where(Device.id.in_(ids)))).all()}
+        _check_devices(a, ids, found)
+        db.add(Deployment(id=dep_id, artifact_id=a.id, status="queued", metadata_url=req.metadata_url,
+                          target_base_url=req.target_base_url, health_timeout=req.health_timeout,
+                          created_at=now, created_by=who.name, updated_at=now))
+        await db.flush()
+        db.add_all([DeploymentDevice(deployment_id=dep_id, device_id=d, status="queued", step="", reason="", seq=0,
+                                     running_version="", updated_at=now) for d in ids])
+        await ctx.audit(db, who, "deployment.create", dep_id,
+                        {"artifact": f"{name}@{version}", "devices": ids}, request_id)
+    return dep_id
+
+
+def message(dep: Deployment, a: Artifact) -> p.Deploy:
+    return p.Deploy(deployment_id=dep.id, name=a.name, version=a.version, kind=a.kind,  # type: ignore[arg-type]
+                    target_name=a.target_path, metadata_url=dep.metadata_url,
+                    target_base_url=dep.target_base_url, sha256=a.sha256, size=a.size,
+                    health_timeout=dep.health_timeout)
+
+
+async def pending_for(db: AsyncSession, device_id: str) -> list[p.Deploy]:
+    """The deployments a device has not finished, oldest first: sent again on every connect."""
+    rows = (await db.execute(
+        select(Deployment, Artifact).join(DeploymentDevice, DeploymentDevice.deployment_id == Deployment.id)
+        .join(Artifact, Artifact.id == Deployment.artifact_id)
+        .where(DeploymentDevice.device_id == device_id, DeploymentDevice.status.in_(["queued", "in-progress"]))
+        .order_by(Deployment.created_at))).all()
+    return [message(d, a) for d, a in rows]
+
+
+async def load(db: AsyncSession, dep_id: str) -> tuple[Deployment, Artifact]:
+    row = (await db.execute(select(Deployment, Artifact).join(Artifact, Artifact.id == Deployment.artifact_id)
+                            .where(Deployment.id == dep_id))).first()
+    if row is None:
+        raise NotFound(f"no deployment {dep_id!r}")
+    return row[0], row[1]
+
+
+async def record_report(db: AsyncSession, device_id: str, report: p.DeploymentReport, now: float) -> bool:
+    """Store a device's report if it is newer and allowed (:func:`accept_report`); updates the
+    deployment's summary and queues the webhook event of a final status. True if stored."""
+    row = await db.get(DeploymentDevice, (report.deployment_id[:32], device_id))
+    if row is None or not accept_report(row.status, row.seq, report.status, report.seq):
+        return False
+    row.status = report.status
+    row.seq = report.seq
+    row.step = report.step[:32]
+    row.reason = report.reason[:2000]
+    row.running_version = report.running_version[:64]
+    row.updated_at = now
+    await db.flush()
+    dep = await db.get(Deployment, report.deployment_id)
+    assert dep is not None
+    statuses = (await db.scalars(select(DeploymentDevice.status)
+                                 .where(DeploymentDevice.deployment_id == dep.id))).all()
+    dep.status = summarise(statuses)
+    dep.updated_at = now
+    if report.status in FINAL:
+        await webhooks.enqueue(db, DEVICE_FINISHED_EVENT, {
+            "deployment": dep.id, "device": device_id, "status": report.status, "reason": row.reason,
+            "running_version": row.running_version}, now)
+    return True
+
+
+async def referencing(db: AsyncSession, artifact_id: int) -> list[str]:
+    return list((await db.scalars(select(Deployment.id).where(Deployment.artifact_id == artifact_id)
+                                  .order_by(Deployment.created_at))).all())
+
+
+async def device_rows(db: AsyncSession, dep_id: str) -> list[DeploymentDevice]:
+    return list((await db.scalars(select(DeploymentDevice).where(DeploymentDevice.deployment_id == dep_id)
+                                  .order_by(DeploymentDevice.device_id))).all())
+
+
+async def counts(db: AsyncSession, dep_ids: list[str]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {d: {} for d in dep_ids}
+    if dep_ids:
+        rows = await db.execute(select(DeploymentDevice.deployment_id, DeploymentDevice.status, func.count())
+                                .where(DeploymentDevice.deployment_id.in_(dep_ids))
+                                .group_by(DeploymentDevice.deployment_id, DeploymentDevice.status))
+        for dep_id, status, n in rows.all():
+            out[dep_id][status] = int(n)
+    return out
+
+
+async def publish(ctx: ServerContext, dep_id: str) -> None:
+    """Tell the devices' hubs: whichever replica holds a device's session sends ``deploy``."""
+    async with ctx.reader() as db:
+        dep, a = await load(db, dep_id)
+        ids = [r.device_id for r in await device_rows(db, dep_id)]
+    payload = msgspec.json.encode(message(dep, a))
+    for d in ids:
+        await ctx.bus.publish(f"device.{d}.deploy", payload)
