@@ -71,6 +71,28 @@ class RulesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     enforce: bool = True
 
 
+class UpdateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[update]``: how the agent installs deployments (issue 4, ADR 0012)."""
+
+    #: whether the agent accepts deployments at all
+    enabled: bool = True
+    #: where app bundles are installed (A/B slots per app); default STATE_DIR/apps
+    apps_dir: Path | None = None
+    #: the TUF root.json the device trusts, as provisioned (``corral tuf-client init``); without
+    #: it the agent trusts the server's first root on its first update (trust on first use)
+    tuf_root: Path | None = None
+    #: how long a new version may take to become healthy, unless the artifact or deployment says
+    health_timeout: float = 300.0
+    #: how often a health check is tried within that time
+    health_interval: float = 0.5
+    #: bytes kept free on the apps file system
+    reserve_bytes: int = 16 * 1024 * 1024
+    #: how long an app gets to exit after SIGTERM before SIGKILL
+    stop_timeout: float = 10.0
+    #: how long one ``corral tuf-client download`` may take
+    download_timeout: float = 3600.0
+
+
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: the Corral server (or gateway): http(s)://host[:port][/prefix]; ws(s):// also accepted
     server: str
@@ -102,6 +124,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
+    update: UpdateConfig = msgspec.field(default_factory=UpdateConfig)
     log_level: str = "info"
 
     @property
@@ -110,6 +133,10 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
         if not sock:
             return None
         return self.state_dir / "metrics.sock" if sock == "auto" else Path(sock)
+
+    @property
+    def apps_dir(self) -> Path:
+        return self.update.apps_dir if self.update.apps_dir is not None else self.state_dir / "apps"
 
     @property
     def device_url(self) -> str:
@@ -178,6 +205,11 @@ def _validate(cfg: AgentConfig) -> None:
         (1 <= cfg.telemetry.send_window <= 1024, "telemetry.send_window must be between 1 and 1024"),
         (cfg.telemetry.spool_max_bytes >= 64 * 1024, "telemetry.spool_max_bytes must be at least 65536"),
         (cfg.telemetry.spool_max_batches >= 1, "telemetry.spool_max_batches must be at least 1"),
+        (cfg.update.health_timeout > 0, f"update.health_timeout must be > 0, got {cfg.update.health_timeout}"),
+        (cfg.update.health_interval > 0, f"update.health_interval must be > 0, got {cfg.update.health_interval}"),
+        (cfg.update.reserve_bytes >= 0, f"update.reserve_bytes must be >= 0, got {cfg.update.reserve_bytes}"),
+        (cfg.update.stop_timeout > 0, f"update.stop_timeout must be > 0, got {cfg.update.stop_timeout}"),
+        (cfg.update.download_timeout > 0, f"update.download_timeout must be > 0, got {cfg.update.download_timeout}"),
     ]
     numbers = {
         "connect_timeout": cfg.connect_timeout,
@@ -187,6 +219,10 @@ def _validate(cfg: AgentConfig) -> None:
         "backoff.cap": b.cap,
         "backoff.reset_after": b.reset_after,
         "telemetry.interval": cfg.telemetry.interval,
+        "update.health_timeout": cfg.update.health_timeout,
+        "update.health_interval": cfg.update.health_interval,
+        "update.stop_timeout": cfg.update.stop_timeout,
+        "update.download_timeout": cfg.update.download_timeout,
     }
     checks += [(math.isfinite(v), f"{k} must be a finite number, got {v}") for k, v in numbers.items()]
     for ok, message in checks:

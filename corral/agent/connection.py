@@ -66,7 +66,7 @@ MAX_HEARTBEAT_INTERVAL = 3600.0
 
 #: server → agent message types the receive loop acts on; anything else is ignored (newer server)
 _HANDLED_TYPES = frozenset({"command", "status", "heartbeat_ack", "error", "welcome", "challenge", "telemetry_ack",
-                            "rules"})
+                            "rules", "deploy", "deployment_ack"})
 
 
 class RuleHost(Protocol):
@@ -188,6 +188,7 @@ class Agent:
         "status",
         "store",
         "telemetry",
+        "updates",
     )
 
     def __init__(
@@ -222,6 +223,9 @@ class Agent:
         self.last_close_code: int | None = None
         #: sessions established (welcomes received) since start
         self.sessions = 0
+        #: the update runner (corral.agent.update.runner), created on the first deployment or at
+        #: start when one is on disk (ADR 0007: the update code is not loaded before)
+        self.updates: Any = None
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -299,6 +303,8 @@ class Agent:
                     self._ws = None
                     if self.telemetry is not None:
                         self.telemetry.detach()
+                    if self.updates is not None:
+                        self.updates.detach()
                     await self._cancel_tasks()
         except ConnectionClosed as exc:
             if exc.failure is not None:  # this agent failed the connection (the server's close code is moot)
@@ -348,6 +354,8 @@ class Agent:
         await self.send_inventory()
         if welcome.status == "accepted":
             await self._attach_telemetry()
+            if self.updates is not None:
+                await self.updates.attach(self._send_report)
         interval = min(max(welcome.heartbeat_interval, MIN_HEARTBEAT_INTERVAL), MAX_HEARTBEAT_INTERVAL)
         await self._serve(ws, interval)
 
@@ -428,8 +436,36 @@ class Agent:
                 log.info("device %s: status is now %s", self._tag, body.status)
                 if body.status == "accepted":
                     await self._attach_telemetry()
+            elif isinstance(body, protocol.Deploy):
+                await self._on_deploy(body)
+            elif isinstance(body, protocol.DeploymentAck):
+                if self.updates is not None:
+                    self.updates.on_ack(body)
             elif isinstance(body, protocol.Error):
                 log.warning("device %s: server error %s: %s", self._tag, body.code, body.message)
+
+    # --- deployments ----------------------------------------------------------------------------
+
+    async def _send_report(self, report: protocol.DeploymentReport) -> None:
+        ws = self._ws
+        if ws is None:
+            raise ConnectionError("not connected")
+        await ws.send(_CODEC.encode(report))
+
+    async def _on_deploy(self, msg: protocol.Deploy) -> None:
+        if not self.config.update.enabled:
+            await self._send_report(protocol.DeploymentReport(
+                deployment_id=msg.deployment_id, seq=1, status="failed", step="idle",
+                reason="updates are disabled on this device ([update] enabled = false)"))
+            return
+        if self.updates is None:
+            from corral.agent.update.runner import UpdateRunner  # ADR 0007: only when an update comes
+
+            runner = UpdateRunner(self.config)
+            await runner.start()
+            await runner.attach(self._send_report)
+            self.updates = runner
+        await self.updates.on_deploy(msg)
 
     # --- telemetry and rules ------------------------------------------------------------------
 
@@ -525,6 +561,9 @@ class Agent:
             inv.model = cfg.model
         if cfg.attributes:
             inv.attributes = {**inv.attributes, **cfg.attributes}
+        if self.updates is not None:  # the installed apps' versions (ADR 0012)
+            apps = await asyncio.to_thread(self.updates.inventory)
+            inv.software = {**inv.software, **{f"app.{k}": v for k, v in apps.items()}}
         await ws.send(_CODEC.encode(inv))
 
     def request_reboot(self) -> None:

@@ -67,12 +67,38 @@ async def run_agent(config: AgentConfig, platform: Platform | None = None, stop:
         _error(exc.detail)
         return EXIT_ERROR
     agent = Agent(config, identity, platform, store=store, enroll_token=token, telemetry=pump, rules=rules)
+    agent.updates = await _updates(config)
     log.info("device %s (agent %s) connecting to %s", identity.device_id, _version(), config.device_url)
     try:
         return await _run(agent, identity.device_id, stop)
     finally:
         if local is not None:
             local.close()
+        if agent.updates is not None:
+            await agent.updates.close()
+
+
+def _has_update_state(config: AgentConfig) -> bool:
+    """Whether this device has installed apps or a deployment under way: only then is the update
+    code loaded at start (ADR 0007), to start the apps and resume the deployment."""
+    if not config.update.enabled:
+        return False
+    if (config.state_dir / "update" / "record").exists():
+        return True
+    try:
+        return any(config.apps_dir.iterdir())
+    except OSError:
+        return False
+
+
+async def _updates(config: AgentConfig) -> Any:
+    if not await asyncio.to_thread(_has_update_state, config):
+        return None
+    from corral.agent.update.runner import UpdateRunner
+
+    runner = UpdateRunner(config)
+    await runner.start()
+    return runner
 
 
 async def _telemetry(config: AgentConfig, platform: Platform,

@@ -1,0 +1,367 @@
+"""The update runner: one deployment at a time through the update flow (ADR 0009, ADR 0012).
+
+The agent imports this module only when a ``deploy`` message arrives or when it starts with an
+update record (or installed apps) on disk (ADR 0007). The loop is ADR 0009's:
+``step`` → persist the record atomically → report its status → perform the actions →
+``step`` with the event each ended in. The blocking work (``corral tuf-client`` as a
+subprocess, extraction, health checks) runs in one thread of the runner's own, so the agent's
+event loop keeps its heartbeats and telemetry going.
+
+On disk, under ``STATE_DIR/update``: ``job`` (the ``deploy`` message, written first), ``record``
+(the :class:`UpdateRecord`), ``finished`` (the final reports of the last deployments, so a
+``deploy`` sent again after the end is answered with its outcome), ``tuf/`` (the client's
+trusted metadata) and ``downloads/``.
+
+Reports are at-least-once: the last one is re-sent after every reconnect until the server's
+``deployment_ack`` for its ``seq`` (or a later one) arrives.
+
+Trust: the TUF root is the one provisioned in ``[update] tuf_root``; without it, the root the
+server serves as ``1.root.json`` is trusted on the first update (trust on first use, logged as
+a warning) and every later root must be signed by it (TUF's root rotation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from corral import protocol
+from corral.agent.config import AgentConfig
+from corral.agent.update.actions import perform, verify
+from corral.agent.update.app_bundle import AppConfig, AppInstaller
+from corral.agent.update.installers import Installer
+from corral.agent.update.supervisor import Supervisor, installed_apps
+from corral.core import update_flow as flow
+from corral.core.update_flow import ActionKind, Event, EventKind, UpdateLimits, UpdateRecord
+from corral.fileio import atomic_write
+
+log = logging.getLogger("corral.agent.update")
+
+SUPPORTED_KINDS = frozenset({"app"})
+FINISHED_KEPT = 50
+
+T = TypeVar("T")
+Send = Callable[[protocol.DeploymentReport], Awaitable[None]]
+
+
+class _Finished(msgspec.Struct):
+    reports: list[protocol.DeploymentReport] = []
+
+
+def _tail(text: str, limit: int = 300) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[-limit:]
+
+
+class UpdateRunner:
+    def __init__(self, config: AgentConfig) -> None:
+        u = config.update
+        self.config = config
+        self.dir = config.state_dir / "update"
+        self.apps_dir = config.apps_dir
+        self.limits = UpdateLimits(health_timeout=u.health_timeout)
+        self.supervisor = Supervisor(self.apps_dir, stop_timeout=u.stop_timeout)
+        self.app_config = AppConfig(self.apps_dir, reserve=u.reserve_bytes, health_interval=u.health_interval)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="corral-update")
+        self._send: Send | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._queue: list[protocol.Deploy] = []
+        self._last: protocol.DeploymentReport | None = None
+        self._acked: tuple[str, int] | None = None
+        self._current: str | None = None
+
+    # --- files ----------------------------------------------------------------------------------
+
+    @property
+    def record_path(self) -> Path:
+        return self.dir / "record"
+
+    @property
+    def job_path(self) -> Path:
+        return self.dir / "job"
+
+    def _persist(self, record: UpdateRecord) -> None:
+        atomic_write(self.record_path, flow.encode(record))
+
+    def _load(self) -> tuple[protocol.Deploy, UpdateRecord] | None:
+        try:
+            job = msgspec.json.decode(self.job_path.read_bytes(), type=protocol.Deploy)
+            record = flow.decode(self.record_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        return job, record
+
+    def _finished(self) -> list[protocol.DeploymentReport]:
+        try:
+            return msgspec.json.decode((self.dir / "finished").read_bytes(), type=_Finished).reports
+        except (FileNotFoundError, msgspec.DecodeError):
+            return []
+
+    def _finish(self, report: protocol.DeploymentReport) -> None:
+        """Remember the outcome, then drop the record and the download: the deployment is over."""
+        kept = [r for r in self._finished() if r.deployment_id != report.deployment_id][-(FINISHED_KEPT - 1):]
+        atomic_write(self.dir / "finished", msgspec.json.encode(_Finished([*kept, report])))
+        for p in (self.record_path, self.job_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        downloads = self.dir / "downloads"
+        if downloads.is_dir():
+            for f in downloads.iterdir():
+                with contextlib.suppress(OSError):
+                    f.unlink()
+
+    # --- the agent's side ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """At agent start: start (or adopt) the installed apps, then resume a deployment that a
+        crash or restart interrupted (ADR 0012 step 6)."""
+        self._loop = asyncio.get_running_loop()
+        await self._in_thread(self._start_apps)
+        found = await self._in_thread(self._load)
+        if found is not None:
+            job, record = found
+            self._current = job.deployment_id
+            self._task = self._loop.create_task(self._drive(job, record, resumed=True))
+
+    def _start_apps(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.supervisor.start_all()
+
+    async def attach(self, send: Send) -> None:
+        """Connected: re-send the last report unless the server has acked it."""
+        self._send = send
+        last = self._last
+        if last is not None and self._acked != (last.deployment_id, last.seq):
+            await self._try_send(last)
+
+    def detach(self) -> None:
+        self._send = None
+
+    def on_ack(self, ack: protocol.DeploymentAck) -> None:
+        last = self._last
+        if last is not None and ack.deployment_id == last.deployment_id and ack.seq >= last.seq:
+            self._acked = (ack.deployment_id, ack.seq)
+
+    async def on_deploy(self, msg: protocol.Deploy) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if msg.deployment_id == self._current:
+            if self._last is not None and self._last.deployment_id == msg.deployment_id:
+                await self._try_send(self._last)  # told again: it has not heard from us
+            return
+        if any(q.deployment_id == msg.deployment_id for q in self._queue):
+            return
+        done = [r for r in await self._in_thread(self._finished) if r.deployment_id == msg.deployment_id]
+        if done:
+            self._last = done[-1]
+            await self._try_send(done[-1])
+            return
+        if self._task is not None and not self._task.done():
+            self._queue.append(msg)  # one deployment at a time
+            return
+        self._begin(msg)
+
+    def _begin(self, msg: protocol.Deploy) -> None:
+        assert self._loop is not None
+        self._current = msg.deployment_id
+        self._task = self._loop.create_task(self._drive(msg, None, resumed=False))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def inventory(self) -> dict[str, str]:
+        """``{app name: version}`` of the installed apps (ADR 0012 step 7)."""
+        return installed_apps(self.apps_dir)
+
+    # --- reports ------------------------------------------------------------------------------
+
+    async def _try_send(self, report: protocol.DeploymentReport) -> None:
+        send = self._send
+        if send is None:
+            return  # re-sent at the next attach
+        try:
+            await send(report)
+        except Exception as e:  # disconnected meanwhile: re-sent at the next attach
+            log.info("deployment %s: report not sent (%s)", report.deployment_id, e)
+
+    def _report_from_thread(self, report: protocol.DeploymentReport) -> None:
+        loop = self._loop
+        assert loop is not None
+
+        def go() -> None:
+            self._last = report
+            loop.create_task(self._try_send(report))
+
+        loop.call_soon_threadsafe(go)
+
+    def _report(self, record: UpdateRecord, installer: Installer | None) -> protocol.DeploymentReport:
+        running = ""
+        if isinstance(installer, AppInstaller):
+            with contextlib.suppress(Exception):
+                slot = installer.active()
+                running = (installer.version(slot) or "") if slot else ""
+        s = record.status
+        return protocol.DeploymentReport(deployment_id=record.deployment_id, seq=record.seq, status=s.status,
+                                         step=s.step, reason=s.reason, running_version=running)
+
+    # --- the flow -----------------------------------------------------------------------------
+
+    async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def _drive(self, job: protocol.Deploy, record: UpdateRecord | None, resumed: bool) -> None:
+        try:
+            await self._in_thread(self._run, job, record, resumed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("deployment %s: the update runner failed", job.deployment_id)
+        finally:
+            self._current = None
+            self._task = None
+            if self._queue:
+                self._begin(self._queue.pop(0))
+
+    def _installer(self, job: protocol.Deploy) -> AppInstaller:
+        return AppInstaller(self.app_config, job.name, self.supervisor)
+
+    def _run(self, job: protocol.Deploy, record: UpdateRecord | None, resumed: bool) -> None:
+        """The whole deployment, in the runner's thread."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if job.kind not in SUPPORTED_KINDS:
+            report = protocol.DeploymentReport(
+                deployment_id=job.deployment_id, seq=1, status="failed", step="idle",
+                reason=f"this agent does not install {job.kind} artifacts yet")
+            self._finish(report)
+            self._report_from_thread(report)
+            return
+        installer = self._installer(job)
+        artifact: Path | None = None
+        if record is None:
+            previous = installer.active()
+            record = flow.new_record(
+                job.deployment_id, flow.Artifact(job.name, job.version, job.kind),
+                target_slot="b" if previous == "a" else "a", previous_slot=previous,
+                previous_version=installer.version(previous) if previous else None,
+                health_timeout=job.health_timeout, limits=self.limits)
+            atomic_write(self.job_path, msgspec.json.encode(job))
+            record, actions = self._advance(record, Event(EventKind.START, time.time()), installer)
+        else:
+            restarted = installer.running_slot() == record.target_slot
+            record, actions = flow.resume(record, time.time(), self.limits, restarted=restarted)
+            self._persist(record)
+            self._report_from_thread(self._report(record, installer))
+            artifact = self._downloaded(job)
+        while True:
+            events: list[Event] = []
+            for action in actions:
+                if action.kind is ActionKind.DOWNLOAD:
+                    event, artifact = self._download(job)
+                elif action.kind is ActionKind.VERIFY:
+                    if artifact is None:
+                        artifact = self._downloaded(job)
+                    event = self._verify(job, installer, artifact, record)
+                    if event.kind is EventKind.VERIFIED and self._checked_timeout is not None \
+                            and job.health_timeout is None:  # the artifact's own wins (ADR 0012)
+                        record = msgspec.structs.replace(record, health_timeout=self._checked_timeout)
+                else:
+                    if artifact is None:
+                        artifact = self._downloaded(job)
+                    found = perform(installer, action, artifact if artifact is not None else Path("/nonexistent"))
+                    if found is None:
+                        continue
+                    event = found
+                events.append(event)
+            if not events:
+                break
+            for event in events:
+                record, actions = self._advance(record, event, installer)
+        if record.final:
+            report = self._report(record, installer)
+            self._finish(report)
+            self._report_from_thread(report)
+            log.info("deployment %s: %s %s", job.deployment_id, record.status.status, record.status.reason)
+
+    _checked_timeout: float | None = None
+
+    def _advance(self, record: UpdateRecord, event: Event,
+                 installer: Installer) -> tuple[UpdateRecord, tuple[flow.Action, ...]]:
+        record, actions = flow.step(record, event, self.limits)
+        self._persist(record)  # before any action (ADR 0009)
+        self._report_from_thread(self._report(record, installer))
+        return record, actions
+
+    def _verify(self, job: protocol.Deploy, installer: Installer, artifact: Path | None,
+                record: UpdateRecord) -> Event:
+        self._checked_timeout = None
+        if artifact is None:
+            return Event(EventKind.VERIFY_FAILED, time.time(), "the downloaded artifact is gone")
+        event, checked = verify(installer, artifact)
+        if checked is not None:
+            self._checked_timeout = checked.health_timeout
+        return event
+
+    # --- corral tuf-client ---------------------------------------------------------------------
+
+    def _tuf(self, job: protocol.Deploy, *args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "corral", "tuf-client", "--metadata-dir", str(self.dir / "tuf"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=self.config.update.download_timeout,
+                              check=False, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+
+    def _trust(self, job: protocol.Deploy) -> str | None:
+        """Initialise the TUF client once: the provisioned root, else trust on first use."""
+        meta = self.dir / "tuf"
+        if (meta / "root.json").exists():
+            return None
+        meta.mkdir(parents=True, exist_ok=True)
+        root = self.config.update.tuf_root
+        if root is None:
+            import urllib.request
+
+            url = job.metadata_url.rstrip("/") + "/1.root.json"
+            log.warning("no [update] tuf_root provisioned: trusting %s on first use", url)
+            root = self.dir / "root-tofu.json"
+            with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 (http(s) URL from the server)
+                atomic_write(root, r.read())
+        done = self._tuf(job, "init", str(root))
+        return None if done.returncode == 0 else f"cannot trust the TUF root: {_tail(done.stderr)}"
+
+    def _downloaded(self, job: protocol.Deploy) -> Path | None:
+        from urllib.parse import quote
+
+        path = self.dir / "downloads" / quote(job.target_name, "")
+        return path if path.exists() else None
+
+    def _download(self, job: protocol.Deploy) -> tuple[Event, Path | None]:
+        try:
+            why = self._trust(job)
+        except OSError as e:
+            why = f"cannot fetch the TUF root: {e}"
+        if why is not None:
+            return Event(EventKind.DOWNLOAD_FAILED, time.time(), why), None
+        (self.dir / "downloads").mkdir(exist_ok=True)
+        try:
+            done = self._tuf(job, "--metadata-url", job.metadata_url, "--target-name", job.target_name,
+                             "--target-base-url", job.target_base_url, "--target-dir", str(self.dir / "downloads"),
+                             "download")
+        except subprocess.TimeoutExpired:
+            return Event(EventKind.DOWNLOAD_FAILED, time.time(), "the download timed out"), None
+        if done.returncode != 0:
+            return Event(EventKind.DOWNLOAD_FAILED, time.time(), _tail(done.stderr) or "corral tuf-client failed"), None
+        return Event(EventKind.DOWNLOADED, time.time()), Path(done.stdout.strip().splitlines()[-1])

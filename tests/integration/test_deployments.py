@@ -1,0 +1,192 @@
+"""Deployments end to end (issue 4): a real server, a real ``corral agent`` process, artifacts
+uploaded through the API, deployed with the CLI. An app bundle installs and runs from its slot;
+a version whose health check fails rolls back by itself and says so; an artifact altered on the
+server's disk is refused by TUF with nothing installed; bad requests create nothing; an agent
+killed in the middle of an update resumes and ends on one version."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.agent.update.supervisor import Supervisor
+from tests.conftest import AgentProc, ServerProc, free_port, start_agent, wait_until
+from tests.integration.test_artifacts import upload
+from tests.integration.test_update_app import get, make_app
+
+FINAL = ("succeeded", "failed", "rolled-back")
+FAILING_HEALTH = "[health]\ncommand = \"sh -c 'echo not ready; exit 3'\"\ntimeout = \"2s\"\n"
+
+
+@pytest.fixture
+def device(server: ServerProc, tmp_path: Path, agents: list[AgentProc]) -> Iterator[tuple[AgentProc, str, Path]]:
+    """An accepted agent whose apps live in tmp_path/agent/apps; its apps are stopped afterwards."""
+    state = tmp_path / "agent"
+    state.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text("model = \"testbox\"\n[update]\nhealth_interval = 0.1\nstop_timeout = 5.0\nreserve_bytes = 0\n"
+                      "[telemetry]\nenabled = false\n")
+    agent = start_agent(server, state, server.create_enrollment_token(), "--config", str(config))
+    agents.append(agent)
+    dev = agent.wait_device_id()
+    wait_until(lambda: server.api("GET", f"/devices/{dev}").json().get("online"), what="the agent online")
+    try:
+        yield agent, dev, config
+    finally:
+        agent.stop(signal.SIGKILL)
+        Supervisor(state / "apps", stop_timeout=2.0).stop_all()
+
+
+def restart_agent(server: ServerProc, agent: AgentProc, config: Path) -> AgentProc:
+    return start_agent(server, agent.state_dir, None, "--config", str(config))
+
+
+def deploy(s: ServerProc, ref: str, *devices: str) -> str:
+    args = ["deploy", ref, "--json"]
+    for d in devices:
+        args += ["--device", d]
+    r = s.cli(*args)
+    assert r.returncode == 0, r.stderr
+    return str(json.loads(r.stdout)["id"])
+
+
+def show(s: ServerProc, dep_id: str) -> dict[str, Any]:
+    r = s.cli("deployment", "show", dep_id, "--json")
+    assert r.returncode == 0, r.stderr
+    doc: dict[str, Any] = json.loads(r.stdout)
+    return doc
+
+
+def finished(s: ServerProc, dep_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        r = s.api("GET", f"/deployments/{dep_id}")
+        assert r.status_code == 200, r.text
+        doc: dict[str, Any] = r.json()
+        return doc if all(d["status"] in FINAL for d in doc["devices"]) else None
+
+    result: dict[str, Any] = wait_until(done, timeout=timeout, interval=0.2, what=f"deployment {dep_id} to end")
+    return result
+
+
+def upload_app(s: ServerProc, tmp: Path, version: str, port: int, health: str = "") -> dict[str, Any]:
+    bundle = make_app(tmp / f"demo-{version}.tar.gz", version, port, health=health)
+    r = upload(s, bundle.read_bytes(), name="demo", version=version, kind="app", filename="demo.tar.gz")
+    assert r.status_code == 201, r.text
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def test_install_then_a_bad_version_rolls_back_then_a_tampered_one_is_refused(
+        server: ServerProc, device: tuple[AgentProc, str, Path], tmp_path: Path) -> None:
+    s = server
+    agent, dev, _ = device
+    port = free_port()
+    upload_app(s, tmp_path, "1.0.0", port)
+
+    d1 = deploy(s, "demo@1.0.0", dev)
+    doc = finished(s, d1)
+    row = doc["devices"][0]
+    assert (doc["status"], row["status"], row["step"], row["running_version"]) == \
+        ("succeeded", "succeeded", "committed", "1.0.0"), doc
+    assert get(port).split()[:2] == ["1.0.0", "a"]  # the app runs from slot a
+    assert (agent.state_dir / "apps" / "demo" / "slots" / "a" / "VERSION").read_text() == "1.0.0"
+    # the agent reports the app's version in its inventory (after its next inventory)
+    shown = show(s, d1)
+    assert shown["devices"][0]["status"] == "succeeded" and shown["counts"] == {"succeeded": 1}
+
+    # v2's health command fails: the agent rolls back by itself, says why, and v1 runs again
+    upload_app(s, tmp_path, "2.0.0", port, health=FAILING_HEALTH)
+    d2 = deploy(s, "demo@2.0.0", dev)
+    row = finished(s, d2)["devices"][0]
+    assert row["status"] == "rolled-back", row
+    assert row["reason"].startswith("unhealthy") and "not ready" in row["reason"], row
+    assert row["running_version"] == "1.0.0"
+    assert get(port).split()[:2] == ["1.0.0", "a"]
+
+    # v3's bytes are altered on the server's disk after upload: TUF refuses them
+    v3 = upload_app(s, tmp_path, "3.0.0", port)
+    blob = s.data_dir / "artifacts" / v3["sha256"]
+    tampered = bytearray(blob.read_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF
+    blob.write_bytes(bytes(tampered))
+    d3 = deploy(s, "demo@3.0.0", dev)
+    row = finished(s, d3)["devices"][0]
+    assert row["status"] == "failed", row
+    assert "hash" in row["reason"].lower() or "length" in row["reason"].lower(), row
+    assert row["running_version"] == "1.0.0"
+    assert get(port).split()[:2] == ["1.0.0", "a"]
+    slot_b = agent.state_dir / "apps" / "demo" / "slots" / "b" / "VERSION"
+    assert not slot_b.exists() or slot_b.read_text() != "3.0.0"  # nothing of v3 installed
+
+    r = s.cli("deployment", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    listed = {d["id"]: d["status"] for d in json.loads(r.stdout)}
+    assert listed == {d1: "succeeded", d2: "failed", d3: "failed"}
+    # an artifact a deployment used cannot be deleted
+    assert s.api("DELETE", "/artifacts/demo/1.0.0").status_code == 409
+    # audited
+    actions = [e["action"] for e in s.api("GET", "/audit").json()["items"]]
+    assert actions.count("deployment.create") == 3
+
+
+def test_bad_requests_create_nothing(server: ServerProc, device: tuple[AgentProc, str, Path],
+                                     tmp_path: Path) -> None:
+    s = server
+    _, dev, _ = device
+    upload_app(s, tmp_path, "1.0.0", free_port())
+    r = upload(s, b"x" * 100, name="fw", version="1", kind="app", hardware=["rpi4"])
+    assert r.status_code == 201, r.text
+    wait_until(lambda: s.api("GET", f"/devices/{dev}").json()["inventory"].get("model") == "testbox",
+               what="the agent's inventory")
+    bad = [
+        ({"artifact": "demo@9.9.9", "devices": [dev]}, "no artifact demo@9.9.9"),
+        ({"artifact": "demo", "devices": [dev]}, "NAME@VERSION"),
+        ({"artifact": "demo@1.0.0", "devices": []}, "at least one device"),
+        ({"artifact": "demo@1.0.0", "devices": ["0" * 32]}, "no device"),
+        ({"artifact": "fw@1", "devices": [dev]}, "is for rpi4; device"),
+    ]
+    for body, why in bad:
+        r = s.api("POST", "/deployments", json=body)
+        assert 400 <= r.status_code < 500 and why in r.text, (body, r.status_code, r.text)
+    r = s.cli("deploy", "demo@9.9.9", "--device", dev)
+    assert r.returncode == 1 and "no artifact" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    viewer = s.make_user("vera", "viewer")
+    assert s.api("POST", "/deployments", token=viewer, json={"artifact": "demo@1.0.0", "devices": [dev]}) \
+        .status_code == 403
+    assert s.api("GET", "/deployments", token=viewer).json()["items"] == []
+    assert s.api("GET", "/deployments/nope").status_code == 404
+    # a decommissioned device is refused
+    assert s.cli("device", "decommission", dev).returncode == 0
+    r = s.api("POST", "/deployments", json={"artifact": "demo@1.0.0", "devices": [dev]})
+    assert r.status_code == 400 and "decommissioned" in r.text, r.text
+    assert s.api("GET", "/deployments").json()["items"] == []
+
+
+def test_an_agent_killed_during_an_update_resumes_and_ends_on_one_version(
+        server: ServerProc, device: tuple[AgentProc, str, Path], tmp_path: Path, agents: list[AgentProc]) -> None:
+    s = server
+    agent, dev, config = device
+    port = free_port()
+    upload_app(s, tmp_path, "1.0.0", port)
+    assert finished(s, deploy(s, "demo@1.0.0", dev))["devices"][0]["status"] == "succeeded"
+    # v2 takes a while to become healthy (its health command sleeps): kill the agent meanwhile
+    slow = "[health]\ncommand = \"sh -c 'sleep 3'\"\ntimeout = \"30s\"\n"
+    upload_app(s, tmp_path, "2.0.0", port, health=slow)
+    d2 = deploy(s, "demo@2.0.0", dev)
+    wait_until(lambda: s.api("GET", f"/deployments/{d2}").json()["devices"][0]["step"] == "health_checking",
+               timeout=30, interval=0.05, what="the health check under way")
+    agent.stop(signal.SIGKILL)
+    record = agent.state_dir / "update" / "record"
+    assert record.exists()
+    again = restart_agent(s, agent, config)
+    agents.append(again)
+    row = finished(s, d2)["devices"][0]
+    assert row["status"] == "succeeded", row  # the health check was opened again and passed
+    assert row["running_version"] == "2.0.0"
+    assert get(port).split()[:2] == ["2.0.0", "b"]
+    assert not record.exists()
