@@ -38,13 +38,16 @@ inactive slot) and uses it only when :func:`apply_delta` returned.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
 
 from corral.errors import CorralError
+from corral.fileio import create_temp, fsync_dir
 
 MAGIC = b"CRLDELTA"
 VERSION = 1
@@ -290,10 +293,12 @@ def read_header(delta: BinaryIO, limits: ApplyLimits | None = None) -> DeltaInfo
 
 
 def _check_base(base: BinaryIO, info: DeltaInfo) -> None:
+    """The base's first ``base_length`` bytes must be the delta's base. Bytes after them are
+    allowed: a rootfs base is read from a partition larger than the image written to it."""
     base.seek(0)
     sha = hashlib.sha256()
     n = 0
-    while chunk := base.read(_IO_CHUNK):
+    while n < info.base_length and (chunk := base.read(min(_IO_CHUNK, info.base_length - n))):
         sha.update(chunk)
         n += len(chunk)
     if n != info.base_length or sha.hexdigest() != info.base_sha256:
@@ -309,9 +314,10 @@ def apply_delta(
     limits: ApplyLimits | None = None,
     verify_base: bool = True,
 ) -> DeltaInfo:
-    """Rebuild the target from ``base`` (seekable) and ``delta`` (read sequentially) into ``out``
-    (written sequentially). Raises :class:`DeltaBaseMismatch` before writing anything if the base
-    is not the delta's, :class:`DeltaCorrupt` if the delta is bad or the result does not match.
+    """Rebuild the target from ``base`` (seekable; its first ``base_length`` bytes are the base)
+    and ``delta`` (read sequentially) into ``out`` (written sequentially). Raises
+    :class:`DeltaBaseMismatch` before writing anything if the base is not the delta's,
+    :class:`DeltaCorrupt` if the delta is bad or the result does not match.
     ``verify_base=False`` skips hashing the base (only when the caller just verified it)."""
     info = read_header(delta, limits)
     if verify_base:
@@ -395,3 +401,29 @@ def _decompress(frame: bytes, out_len: int, dict_bytes: bytes, plain: zstandard.
     if len(data) != out_len:
         raise DeltaCorrupt(f"DATA frame gave {len(data)} bytes, expected {out_len}")
     return data
+
+
+def apply_file(base: Path, delta: Path, out: Path, *, target_sha256: str, target_length: int,
+               limits: ApplyLimits | None = None) -> DeltaInfo:
+    """Rebuild a target into the file ``out``, crash-safe: written to a temporary file beside it,
+    fsync'd and renamed only once complete and verified. ``target_sha256`` and ``target_length``
+    are what the caller trusts (the full artifact's, from signed TUF metadata): a delta whose
+    header names another target is refused before anything is written."""
+    with delta.open("rb") as df:
+        info = read_header(df, limits)
+        if info.target_sha256 != target_sha256.lower() or info.target_length != target_length:
+            raise DeltaCorrupt(f"the delta rebuilds {info.target_length} bytes with sha256 {info.target_sha256}, "
+                               f"not the expected {target_length} with {target_sha256}")
+        df.seek(0)
+        fd, tmp = create_temp(out)
+        try:
+            with os.fdopen(fd, "wb") as of, base.open("rb") as bf:
+                apply_delta(bf, df, of, limits=limits)
+                of.flush()
+                os.fsync(of.fileno())
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    fsync_dir(out.parent)
+    return info

@@ -7,6 +7,7 @@ import hashlib
 import io
 import random
 import struct
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -215,3 +216,34 @@ def test_limits_are_the_applier_s_own() -> None:
         _apply(base, delta, limits=d.ApplyLimits(max_dict=1 << 20))
     info = d.read_header(io.BytesIO(delta))
     assert (info.block_size, info.max_segment, info.max_dict) == (4096, 1 << 20, 3 << 20)
+
+
+def test_a_base_longer_than_the_image_is_its_first_bytes() -> None:
+    """A rootfs base is read from a partition larger than the image that was written to it."""
+    rng = random.Random(10)
+    base = _image(rng, 50_000)
+    target = _change_blocks(rng, base, 10)
+    delta, _ = _build(base, target)
+    assert _apply(base + rng.randbytes(7000), delta) == target
+
+
+def test_apply_file_is_crash_safe_and_checks_the_expected_target(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    base = _image(rng, 80_000)
+    target = _change_blocks(rng, base, 10)
+    delta, _ = _build(base, target)
+    (tmp_path / "base").write_bytes(base)
+    (tmp_path / "delta").write_bytes(delta)
+    out = tmp_path / "new" / "image"
+    out.parent.mkdir()
+    sha = hashlib.sha256(target).hexdigest()
+    with pytest.raises(d.DeltaCorrupt, match="not the expected"):
+        d.apply_file(tmp_path / "base", tmp_path / "delta", out, target_sha256="0" * 64, target_length=len(target))
+    (tmp_path / "delta").write_bytes(delta[:-1])
+    with pytest.raises(d.DeltaCorrupt, match="truncated"):
+        d.apply_file(tmp_path / "base", tmp_path / "delta", out, target_sha256=sha, target_length=len(target))
+    assert list(out.parent.iterdir()) == []  # nothing half-written left behind
+    (tmp_path / "delta").write_bytes(delta)
+    info = d.apply_file(tmp_path / "base", tmp_path / "delta", out, target_sha256=sha.upper(),
+                        target_length=len(target))
+    assert out.read_bytes() == target and info.target_sha256 == sha
