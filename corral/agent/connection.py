@@ -461,7 +461,7 @@ class Agent:
         if self.updates is None:
             from corral.agent.update.runner import UpdateRunner  # ADR 0007: only when an update comes
 
-            runner = UpdateRunner(self.config)
+            runner = UpdateRunner(self.config, on_finished=self.send_inventory)
             await runner.start()
             await runner.attach(self._send_report)
             self.updates = runner

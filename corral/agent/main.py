@@ -67,7 +67,7 @@ async def run_agent(config: AgentConfig, platform: Platform | None = None, stop:
         _error(exc.detail)
         return EXIT_ERROR
     agent = Agent(config, identity, platform, store=store, enroll_token=token, telemetry=pump, rules=rules)
-    agent.updates = await _updates(config)
+    agent.updates = await _updates(config, agent)
     log.info("device %s (agent %s) connecting to %s", identity.device_id, _version(), config.device_url)
     try:
         return await _run(agent, identity.device_id, stop)
@@ -91,12 +91,12 @@ def _has_update_state(config: AgentConfig) -> bool:
         return False
 
 
-async def _updates(config: AgentConfig) -> Any:
+async def _updates(config: AgentConfig, agent: Agent) -> Any:
     if not await asyncio.to_thread(_has_update_state, config):
         return None
     from corral.agent.update.runner import UpdateRunner
 
-    runner = UpdateRunner(config)
+    runner = UpdateRunner(config, on_finished=agent.send_inventory)
     await runner.start()
     return runner
 

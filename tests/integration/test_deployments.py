@@ -88,14 +88,19 @@ def test_install_then_a_bad_version_rolls_back_then_a_tampered_one_is_refused(
     port = free_port()
     upload_app(s, tmp_path, "1.0.0", port)
 
-    d1 = deploy(s, "demo@1.0.0", dev)
-    doc = finished(s, d1)
+    r = s.cli("deploy", "demo@1.0.0", "--device", dev, "--wait", "--json")  # waits, showing progress
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    d1 = doc["id"]
+    assert "in-progress" in r.stderr or "succeeded" in r.stderr
     row = doc["devices"][0]
     assert (doc["status"], row["status"], row["step"], row["running_version"]) == \
         ("succeeded", "succeeded", "committed", "1.0.0"), doc
     assert get(port).split()[:2] == ["1.0.0", "a"]  # the app runs from slot a
     assert (agent.state_dir / "apps" / "demo" / "slots" / "a" / "VERSION").read_text() == "1.0.0"
-    # the agent reports the app's version in its inventory (after its next inventory)
+    # the agent reports the app's version in its inventory once the deployment ended
+    wait_until(lambda: s.api("GET", f"/devices/{dev}").json()["inventory"].get("software", {}).get("app.demo")
+               == "1.0.0", what="app.demo in the inventory")
     shown = show(s, d1)
     assert shown["devices"][0]["status"] == "succeeded" and shown["counts"] == {"succeeded": 1}
 

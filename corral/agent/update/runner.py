@@ -65,7 +65,10 @@ def _tail(text: str, limit: int = 300) -> str:
 
 
 class UpdateRunner:
-    def __init__(self, config: AgentConfig) -> None:
+    """``on_finished`` is awaited after a deployment ends (the agent re-sends its inventory, which
+    lists the installed apps' versions)."""
+
+    def __init__(self, config: AgentConfig, on_finished: Callable[[], Awaitable[None]] | None = None) -> None:
         u = config.update
         self.config = config
         self.dir = config.state_dir / "update"
@@ -81,6 +84,8 @@ class UpdateRunner:
         self._last: protocol.DeploymentReport | None = None
         self._acked: tuple[str, int] | None = None
         self._current: str | None = None
+        self._checked_timeout: float | None = None
+        self._on_finished = on_finished
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -237,6 +242,11 @@ class UpdateRunner:
             self._task = None
             if self._queue:
                 self._begin(self._queue.pop(0))
+        if self._on_finished is not None and self._send is not None:
+            try:
+                await self._on_finished()
+            except Exception as e:  # disconnected: the inventory goes with the next connect
+                log.info("inventory not sent after deployment %s: %s", job.deployment_id, e)
 
     def _installer(self, job: protocol.Deploy) -> AppInstaller:
         return AppInstaller(self.app_config, job.name, self.supervisor)
@@ -297,8 +307,6 @@ class UpdateRunner:
             self._finish(report)
             self._report_from_thread(report)
             log.info("deployment %s: %s %s", job.deployment_id, record.status.status, record.status.reason)
-
-    _checked_timeout: float | None = None
 
     def _advance(self, record: UpdateRecord, event: Event,
                  installer: Installer) -> tuple[UpdateRecord, tuple[flow.Action, ...]]:
