@@ -18,6 +18,7 @@ from corral.agent.update.supervisor import Supervisor
 from tests.conftest import AgentProc, ServerProc, free_port, start_agent, wait_until
 from tests.integration.test_artifacts import upload
 from tests.integration.test_update_app import get, make_app
+from tests.integration.webhook_receiver import Receiver
 
 FINAL = ("succeeded", "failed", "rolled-back")
 FAILING_HEALTH = "[health]\ncommand = \"sh -c 'echo not ready; exit 3'\"\ntimeout = \"2s\"\n"
@@ -195,3 +196,35 @@ def test_an_agent_killed_during_an_update_resumes_and_ends_on_one_version(
     assert row["running_version"] == "2.0.0"
     assert get(port).split()[:2] == ["2.0.0", "b"]
     assert not record.exists()
+
+
+def test_an_offline_device_is_told_when_it_connects(
+        server: ServerProc, device: tuple[AgentProc, str, Path], tmp_path: Path, agents: list[AgentProc],
+        receiver: Receiver) -> None:
+    s = server
+    agent, dev, config = device
+    r = s.api("POST", "/webhooks", json={"url": receiver.url, "events": ["deployment.*"]})
+    assert r.status_code == 201, r.text
+    secret = r.json()["secret"]
+    port = free_port()
+    upload_app(s, tmp_path, "1.0.0", port)
+    agent.stop()
+    wait_until(lambda: not s.api("GET", f"/devices/{dev}").json().get("online"), what="the agent offline")
+    d1 = deploy(s, "demo@1.0.0", dev)
+    doc = s.api("GET", f"/deployments/{d1}").json()
+    assert (doc["status"], doc["devices"][0]["status"]) == ("queued", "queued")
+    again = restart_agent(s, agent, config)  # the update code is not loaded until the deploy arrives
+    agents.append(again)
+    row = finished(s, d1)["devices"][0]
+    assert (row["status"], row["running_version"]) == ("succeeded", "1.0.0"), row
+    assert get(port).split()[:2] == ["1.0.0", "a"]
+    [event] = wait_until(lambda: receiver.verified(secret), what="the webhook event")
+    assert event["type"] == "deployment.device_finished"
+    assert {k: event["data"][k] for k in ("deployment", "device", "status")} == \
+        {"deployment": d1, "device": dev, "status": "succeeded"}
+    # a final status is not sent again on the next connect, and nothing changes
+    again.stop()
+    third = restart_agent(s, agent, config)
+    agents.append(third)
+    wait_until(lambda: s.api("GET", f"/devices/{dev}").json().get("online"), what="the agent online")
+    assert s.api("GET", f"/deployments/{d1}").json()["devices"][0] == row
