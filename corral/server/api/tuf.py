@@ -28,7 +28,7 @@ from corral.errors import NotFound
 from corral.server.api.deps import Ctx, Viewer
 from corral.server.api.views import iso
 from corral.server.store.models import Artifact
-from corral.server.updates import artifacts, tuf_repo
+from corral.server.updates import artifacts, deltas, tuf_repo
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,11 @@ async def target(path: str, ctx: Ctx, _: DeviceDownload) -> FileResponse:
                                                           Artifact.sha256 == sha256))
     blob = artifacts.blob_path(ctx.config.artifact_dir, sha256)
     if found is None:
-        raise NotFound(f"no target {path!r}")
+        # HOOK (deltas, ADR 0013): NAME/VERSION/SHA256.delta-from-BASE is a delta's file
+        delta_blob = deltas.served_blob(ctx.config.artifact_dir, sha256, filename)
+        if delta_blob is None:
+            raise NotFound(f"no target {path!r}")
+        blob = delta_blob
     if not blob.is_file():
         log.error("artifact file %s is missing from %s", sha256, ctx.config.artifact_dir)
         raise NotFound(f"no target {path!r}")
