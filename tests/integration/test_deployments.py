@@ -24,14 +24,21 @@ FINAL = ("succeeded", "failed", "rolled-back")
 FAILING_HEALTH = "[health]\ncommand = \"sh -c 'echo not ready; exit 3'\"\ntimeout = \"2s\"\n"
 
 
-@pytest.fixture
-def device(server: ServerProc, tmp_path: Path, agents: list[AgentProc]) -> Iterator[tuple[AgentProc, str, Path]]:
-    """An accepted agent whose apps live in tmp_path/agent/apps; its apps are stopped afterwards."""
+Device = tuple[AgentProc, str, Path]
+
+
+def _device(server: ServerProc, tmp_path: Path, agents: list[AgentProc], provisioned: bool) -> Iterator[Device]:
     state = tmp_path / "agent"
     state.mkdir()
     config = tmp_path / "agent.toml"
+    root = ""
+    if provisioned:  # the trusted root the device is provisioned with (ADR 0013)
+        r = server.api("GET", "/tuf/root.json")
+        assert r.status_code == 200, r.text
+        (tmp_path / "root.json").write_bytes(r.content)
+        root = f"tuf_root = \"{tmp_path / 'root.json'}\"\n"
     config.write_text("model = \"testbox\"\n[update]\nhealth_interval = 0.1\nstop_timeout = 5.0\nreserve_bytes = 0\n"
-                      "[telemetry]\nenabled = false\n")
+                      f"{root}[telemetry]\nenabled = false\n")
     agent = start_agent(server, state, server.create_enrollment_token(), "--config", str(config))
     agents.append(agent)
     dev = agent.wait_device_id()
@@ -41,6 +48,18 @@ def device(server: ServerProc, tmp_path: Path, agents: list[AgentProc]) -> Itera
     finally:
         agent.stop(signal.SIGKILL)
         Supervisor(state / "apps", stop_timeout=2.0).stop_all()
+
+
+@pytest.fixture
+def device(server: ServerProc, tmp_path: Path, agents: list[AgentProc]) -> Iterator[Device]:
+    """An accepted agent provisioned with the TUF root, its apps in tmp_path/agent/apps (stopped afterwards)."""
+    yield from _device(server, tmp_path, agents, provisioned=True)
+
+
+@pytest.fixture
+def tofu_device(server: ServerProc, tmp_path: Path, agents: list[AgentProc]) -> Iterator[Device]:
+    """The same without a provisioned root: it trusts the server's on its first update."""
+    yield from _device(server, tmp_path, agents, provisioned=False)
 
 
 def restart_agent(server: ServerProc, agent: AgentProc, config: Path) -> AgentProc:
@@ -83,7 +102,7 @@ def upload_app(s: ServerProc, tmp: Path, version: str, port: int, health: str = 
 
 
 def test_install_then_a_bad_version_rolls_back_then_a_tampered_one_is_refused(
-        server: ServerProc, device: tuple[AgentProc, str, Path], tmp_path: Path) -> None:
+        server: ServerProc, device: Device, tmp_path: Path) -> None:
     s = server
     agent, dev, _ = device
     port = free_port()
@@ -98,6 +117,7 @@ def test_install_then_a_bad_version_rolls_back_then_a_tampered_one_is_refused(
     assert (doc["status"], row["status"], row["step"], row["running_version"]) == \
         ("succeeded", "succeeded", "committed", "1.0.0"), doc
     assert get(port).split()[:2] == ["1.0.0", "a"]  # the app runs from slot a
+    assert not (agent.state_dir / "update" / "root-tofu.json").exists()  # the provisioned root was used
     assert (agent.state_dir / "apps" / "demo" / "slots" / "a" / "VERSION").read_text() == "1.0.0"
     # the agent reports the app's version in its inventory once the deployment ended
     wait_until(lambda: s.api("GET", f"/devices/{dev}").json()["inventory"].get("software", {}).get("app.demo")
@@ -140,7 +160,7 @@ def test_install_then_a_bad_version_rolls_back_then_a_tampered_one_is_refused(
     assert actions.count("deployment.create") == 3
 
 
-def test_bad_requests_create_nothing(server: ServerProc, device: tuple[AgentProc, str, Path],
+def test_bad_requests_create_nothing(server: ServerProc, device: Device,
                                      tmp_path: Path) -> None:
     s = server
     _, dev, _ = device
@@ -174,7 +194,7 @@ def test_bad_requests_create_nothing(server: ServerProc, device: tuple[AgentProc
 
 
 def test_an_agent_killed_during_an_update_resumes_and_ends_on_one_version(
-        server: ServerProc, device: tuple[AgentProc, str, Path], tmp_path: Path, agents: list[AgentProc]) -> None:
+        server: ServerProc, device: Device, tmp_path: Path, agents: list[AgentProc]) -> None:
     s = server
     agent, dev, config = device
     port = free_port()
@@ -199,10 +219,10 @@ def test_an_agent_killed_during_an_update_resumes_and_ends_on_one_version(
 
 
 def test_an_offline_device_is_told_when_it_connects(
-        server: ServerProc, device: tuple[AgentProc, str, Path], tmp_path: Path, agents: list[AgentProc],
+        server: ServerProc, tofu_device: Device, tmp_path: Path, agents: list[AgentProc],
         receiver: Receiver) -> None:
     s = server
-    agent, dev, config = device
+    agent, dev, config = tofu_device
     r = s.api("POST", "/webhooks", json={"url": receiver.url, "events": ["deployment.*"]})
     assert r.status_code == 201, r.text
     secret = r.json()["secret"]
@@ -218,6 +238,7 @@ def test_an_offline_device_is_told_when_it_connects(
     row = finished(s, d1)["devices"][0]
     assert (row["status"], row["running_version"]) == ("succeeded", "1.0.0"), row
     assert get(port).split()[:2] == ["1.0.0", "a"]
+    assert (agent.state_dir / "update" / "root-tofu.json").read_bytes() == s.api("GET", "/tuf/root.json").content
     [event] = wait_until(lambda: receiver.verified(secret), what="the webhook event")
     assert event["type"] == "deployment.device_finished"
     assert {k: event["data"][k] for k in ("deployment", "device", "status")} == \
@@ -228,3 +249,20 @@ def test_an_offline_device_is_told_when_it_connects(
     agents.append(third)
     wait_until(lambda: s.api("GET", f"/devices/{dev}").json().get("online"), what="the agent online")
     assert s.api("GET", f"/deployments/{d1}").json()["devices"][0] == row
+
+
+def test_reports_lost_while_the_server_is_down_arrive_after_it_comes_back(
+        server: ServerProc, device: Device, tmp_path: Path) -> None:
+    s = server
+    agent, dev, _ = device
+    port = free_port()
+    upload_app(s, tmp_path, "1.0.0", port, health="[health]\ncommand = \"sh -c 'sleep 3'\"\ntimeout = \"30s\"\n")
+    d1 = deploy(s, "demo@1.0.0", dev)
+    wait_until(lambda: s.api("GET", f"/deployments/{d1}").json()["devices"][0]["step"] == "health_checking",
+               timeout=30, interval=0.05, what="the health check under way")
+    s.stop()  # the final report is made while the server is away
+    finished_on_disk = agent.state_dir / "update" / "finished"
+    wait_until(finished_on_disk.exists, timeout=30, what="the deployment to end on the device")
+    s.restart()
+    row = finished(s, d1)["devices"][0]
+    assert (row["status"], row["step"], row["running_version"]) == ("succeeded", "committed", "1.0.0"), row
