@@ -15,6 +15,7 @@ committed with the docs, so a fresh checkout that runs one benchmark keeps every
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import json
@@ -27,7 +28,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ DOCS_FILE = ROOT / "docs" / "benchmarks.md"
 PY = sys.executable
 
 #: the order sections appear in the docs
-BENCH_ORDER = ("connections", "registry", "ingest", "agent", "download")
+BENCH_ORDER = ("connections", "registry", "ingest", "agent", "download", "delta")
 
 
 # --- processes and limits -----------------------------------------------------------------
@@ -430,6 +431,7 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
         ".venv/bin/python -m bench.registry --devices 100000",
         ".venv/bin/python -m bench.ingest --agents 600 --clients 2   # SQLite, then PostgreSQL on 127.0.0.1:5432",
         ".venv/bin/python -m bench.agent --window 60",
+        ".venv/bin/python -m bench.delta --size 256 --changed 2",
         "```",
         "",
         "Each run writes its raw figures (all percentiles, timings per phase) to",
@@ -443,6 +445,24 @@ def write_docs() -> Path:
     DOCS_FILE.parent.mkdir(parents=True, exist_ok=True)
     DOCS_FILE.write_text(render_markdown(load_results()))
     return DOCS_FILE
+
+
+def bench_parser(name: str, doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """A benchmark's command line with the options every one has (``--keep``, ``--quick``,
+    ``--no-docs``); the caller adds its own."""
+    ap = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc.split("\n\n")[0])
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--quick", action="store_true", help=f"smoke run: {quick_help}")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    return ap
+
+
+def bench_main(parser: argparse.ArgumentParser, main_result: Callable[[list[str] | None], dict[str, Any]],
+               argv: list[str] | None = None) -> None:
+    """``python -m bench.NAME``: run, save, print and (unless ``--no-docs``) re-render the docs."""
+    a = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        finish(main_result(argv), docs=not a.no_docs)
 
 
 def finish(result: dict[str, Any], docs: bool = True) -> None:
