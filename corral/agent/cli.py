@@ -28,6 +28,7 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any]], ...] = (
     ("--enroll-token", "enroll_token", "enrollment token", str),
     ("--state-dir", "state_dir", "key and state (0700)", Path),
     ("--config", "config_file", "TOML config file", Path),
+    ("--tuf-root", "tuf_root", "the trusted TUF root.json ([update] tuf_root)", Path),
 )
 
 
@@ -64,4 +65,4 @@ def agent_main(argv: list[str]) -> int:
     from corral.agent.main import main_agent
 
     return main_agent(server=args["server"], enroll_token=args["enroll_token"], state_dir=args["state_dir"],
-                      config_file=args["config_file"])
+                      config_file=args["config_file"], tuf_root=args["tuf_root"])

@@ -263,6 +263,7 @@ def load_config(
     server: str | None = None,
     enroll_token: str | None = None,
     state_dir: Path | str | None = None,
+    tuf_root: Path | str | None = None,
     **overrides: Any,
 ) -> AgentConfig:
     """Read the TOML file (if any), let flags that were given replace its keys, validate.
@@ -274,6 +275,8 @@ def load_config(
     flags: dict[str, Any] = {"server": server, "enroll_token": enroll_token, **overrides}
     if state_dir is not None:
         flags["state_dir"] = str(state_dir)
+    if tuf_root is not None:
+        data["update"] = {**data.get("update", {}), "tuf_root": str(tuf_root)}
     for key, value in flags.items():
         if value is not None:
             data[key] = value

@@ -203,6 +203,7 @@ def main_agent(
     server: str | None = None,
     enroll_token: str | None = None,
     state_dir: Path | str | None = None,
+    tuf_root: Path | str | None = None,
 ) -> int:
     """The ``corral agent`` command: already-parsed flags in, exit code out.
 
@@ -210,7 +211,8 @@ def main_agent(
     """
     try:
         if config is None:
-            config = load_config(config_file, server=server, enroll_token=enroll_token, state_dir=state_dir)
+            config = load_config(config_file, server=server, enroll_token=enroll_token, state_dir=state_dir,
+                                 tuf_root=tuf_root)
     except CorralError as exc:
         _error(exc.detail)
         return EXIT_ERROR

@@ -215,12 +215,13 @@ def agent(
     enroll_token: Annotated[str | None, typer.Option("--enroll-token", help="enrollment token")] = None,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="key and state (0700)")] = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML config file")] = None,
+    tuf_root: Annotated[Path | None, typer.Option("--tuf-root", help="the trusted TUF root.json")] = None,
 ) -> None:
     """Run the device agent."""
     from corral.agent.main import main_agent
 
     raise typer.Exit(main_agent(server=server, enroll_token=enroll_token, state_dir=state_dir,
-                                config_file=config_file))
+                                config_file=config_file, tuf_root=tuf_root))
 
 
 @app.command()

@@ -31,15 +31,15 @@ def _device(server: ServerProc, tmp_path: Path, agents: list[AgentProc], provisi
     state = tmp_path / "agent"
     state.mkdir()
     config = tmp_path / "agent.toml"
-    root = ""
+    flags = ["--config", str(config)]
     if provisioned:  # the trusted root the device is provisioned with (ADR 0013)
         r = server.api("GET", "/tuf/root.json")
         assert r.status_code == 200, r.text
         (tmp_path / "root.json").write_bytes(r.content)
-        root = f"tuf_root = \"{tmp_path / 'root.json'}\"\n"
+        flags += ["--tuf-root", str(tmp_path / "root.json")]
     config.write_text("model = \"testbox\"\n[update]\nhealth_interval = 0.1\nstop_timeout = 5.0\nreserve_bytes = 0\n"
-                      f"{root}[telemetry]\nenabled = false\n")
-    agent = start_agent(server, state, server.create_enrollment_token(), "--config", str(config))
+                      "[telemetry]\nenabled = false\n")
+    agent = start_agent(server, state, server.create_enrollment_token(), *flags)
     agents.append(agent)
     dev = agent.wait_device_id()
     wait_until(lambda: server.api("GET", f"/devices/{dev}").json().get("online"), what="the agent online")
@@ -63,7 +63,9 @@ def tofu_device(server: ServerProc, tmp_path: Path, agents: list[AgentProc]) -> 
 
 
 def restart_agent(server: ServerProc, agent: AgentProc, config: Path) -> AgentProc:
-    return start_agent(server, agent.state_dir, None, "--config", str(config))
+    root = agent.state_dir.parent / "root.json"
+    return start_agent(server, agent.state_dir, None, "--config", str(config),
+                       *(["--tuf-root", str(root)] if root.exists() else []))
 
 
 def deploy(s: ServerProc, ref: str, *devices: str) -> str:
