@@ -186,7 +186,7 @@ def run(size_mib: int, changed: float, level: int, quick: bool, keep: bool) -> d
             f"`zstd -{level} --long={long_log}`. MB = 10^6 bytes.")
         result["notes"].append(
             f"zstd --patch-from keeps the whole base in memory while applying ({cli_rss:.0f} MB RSS for a "
-            f"{size_mib} MiB base); corral.delta holds one segment and one dictionary window (ADR 0013).")
+            f"{size_mib} MiB base); corral.delta holds one segment and one dictionary window (ADR 0014).")
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)

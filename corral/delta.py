@@ -3,7 +3,7 @@
 A device running version A of an image downloads a delta instead of version B when the server
 holds one; the delta rebuilds B from A's bytes. Applying must fit in a device's memory whatever
 the image's size (DESIGN §4: "never hold a whole image in memory"), which is why this is not
-``zstd --patch-from`` with the whole base as a dictionary (ADR 0013 has the measurements): the
+``zstd --patch-from`` with the whole base as a dictionary (ADR 0014 has the measurements): the
 applier here holds at most one segment of output and one dictionary window of the base.
 
 **How it works.** The base is cut into aligned blocks of ``block_size`` (4 KiB), each hashed

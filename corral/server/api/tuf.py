@@ -77,7 +77,7 @@ async def target(path: str, ctx: Ctx, _: DeviceDownload) -> FileResponse:
                                                           Artifact.sha256 == sha256))
     blob = artifacts.blob_path(ctx.config.artifact_dir, sha256)
     if found is None:
-        # HOOK (deltas, ADR 0013): NAME/VERSION/SHA256.delta-from-BASE is a delta's file
+        # HOOK (deltas, ADR 0014): NAME/VERSION/SHA256.delta-from-BASE is a delta's file
         delta_blob = deltas.served_blob(ctx.config.artifact_dir, sha256, filename)
         if delta_blob is None:
             raise NotFound(f"no target {path!r}")

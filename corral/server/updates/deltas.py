@@ -2,7 +2,7 @@
 
 A device running ``NAME@BASE`` that is to install ``NAME@VERSION`` downloads the delta
 ``NAME/VERSION/delta-from-BASE`` instead of the full artifact, when there is one: built by
-:func:`build` from the two stored files (:mod:`corral.delta`, ADR 0013), it is a TUF target of
+:func:`build` from the two stored files (:mod:`corral.delta`, ADR 0014), it is a TUF target of
 its own, signed like an artifact, so ``corral tuf-client`` verifies the delta it downloads; the
 device then rebuilds the image and checks it against the *full artifact's* sha256 and length
 from the same signed metadata (:func:`corral.delta.apply_file`). Any other device gets the full
