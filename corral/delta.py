@@ -427,3 +427,44 @@ def apply_file(base: Path, delta: Path, out: Path, *, target_sha256: str, target
             raise
     fsync_dir(out.parent)
     return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m corral.delta build BASE TARGET DELTA`` / ``apply BASE DELTA OUT --sha256 H
+    --length N``: the same functions from a shell, or from the agent as a short-lived process
+    (so the resident agent does not load zstd for an update, ADR 0007). Prints the header's
+    facts as JSON; exit 1 with one ``error:`` line."""
+    import argparse
+    import json
+    import sys
+    from dataclasses import asdict
+
+    ap = argparse.ArgumentParser(prog="python -m corral.delta", description="Build or apply a Corral delta.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write the delta from BASE to TARGET into DELTA")
+    b.add_argument("base", type=Path)
+    b.add_argument("target", type=Path)
+    b.add_argument("delta", type=Path)
+    b.add_argument("--level", type=int, default=DEFAULT_LEVEL)
+    a = sub.add_parser("apply", help="rebuild OUT from BASE and DELTA (crash-safe; verified)")
+    a.add_argument("base", type=Path)
+    a.add_argument("delta", type=Path)
+    a.add_argument("out", type=Path)
+    a.add_argument("--sha256", required=True, help="the target's sha256, as trusted (signed metadata)")
+    a.add_argument("--length", type=int, required=True, help="the target's length in bytes")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "build":
+            with args.base.open("rb") as bf, args.target.open("rb") as tf, args.delta.open("wb") as df:
+                info = build_delta(bf, tf, df, level=args.level)
+        else:
+            info = apply_file(args.base, args.delta, args.out, target_sha256=args.sha256, target_length=args.length)
+    except (OSError, DeltaError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(info)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

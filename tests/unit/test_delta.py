@@ -247,3 +247,20 @@ def test_apply_file_is_crash_safe_and_checks_the_expected_target(tmp_path: Path)
     info = d.apply_file(tmp_path / "base", tmp_path / "delta", out, target_sha256=sha.upper(),
                         target_length=len(target))
     assert out.read_bytes() == target and info.target_sha256 == sha
+
+
+def test_command_line_builds_and_applies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = random.Random(12)
+    base = _image(rng, 50_000)
+    target = _change_blocks(rng, base, 10)
+    (tmp_path / "base").write_bytes(base)
+    (tmp_path / "target").write_bytes(target)
+    p = [str(tmp_path / n) for n in ("base", "target", "delta", "out")]
+    assert d.main(["build", p[0], p[1], p[2], "--level", "3"]) == 0
+    sha = hashlib.sha256(target).hexdigest()
+    assert d.main(["apply", p[0], p[2], p[3], "--sha256", sha, "--length", str(len(target))]) == 0
+    assert (tmp_path / "out").read_bytes() == target
+    capsys.readouterr()
+    (tmp_path / "base").write_bytes(base[:-1])
+    assert d.main(["apply", p[0], p[2], p[3], "--sha256", sha, "--length", str(len(target))]) == 1
+    assert capsys.readouterr().err.startswith("error: wrong base")
