@@ -458,14 +458,22 @@ class Agent:
                 deployment_id=msg.deployment_id, seq=1, status="failed", step="idle",
                 reason="updates are disabled on this device ([update] enabled = false)"))
             return
-        if self.updates is None:
-            from corral.agent.update.runner import UpdateRunner  # ADR 0007: only when an update comes
+        try:
+            if self.updates is None:
+                from corral.agent.update.runner import UpdateRunner  # ADR 0007: only when an update comes
 
-            runner = UpdateRunner(self.config, on_finished=self.send_inventory)
-            await runner.start()
-            await runner.attach(self._send_report)
-            self.updates = runner
-        await self.updates.on_deploy(msg)
+                runner = UpdateRunner(self.config, on_finished=self.send_inventory)
+                await runner.start()
+                await runner.attach(self._send_report)
+                self.updates = runner
+            await self.updates.on_deploy(msg)
+        except (ConnectionClosed, ConnectionError):
+            raise
+        except Exception as exc:  # e.g. the apps folder cannot be written: say so, stay connected
+            log.exception("device %s: deployment %s cannot start", self._tag, msg.deployment_id)
+            await self._send_report(protocol.DeploymentReport(
+                deployment_id=msg.deployment_id, seq=1, status="failed", step="idle",
+                reason=f"the agent cannot run updates: {type(exc).__name__}: {exc}"[:500]))
 
     # --- telemetry and rules ------------------------------------------------------------------
 
