@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from bench import agent, connections, delta, download, ingest, registry
+from bench import agent, connections, delta, download, downtime, ingest, registry
 from bench.common import BENCH_ORDER, ROOT, finish, print_result, write_docs
 
 
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
                 result = ingest.main_result(args)
             elif name == "download":
                 result = download.main_result(args)
+            elif name == "downtime":
+                result = downtime.main_result(args)
             elif name == "delta":
                 result = delta.main_result(args)
             else:

@@ -42,7 +42,7 @@ DOCS_FILE = ROOT / "docs" / "benchmarks.md"
 PY = sys.executable
 
 #: the order sections appear in the docs
-BENCH_ORDER = ("connections", "registry", "ingest", "agent", "download", "delta")
+BENCH_ORDER = ("connections", "registry", "ingest", "agent", "download", "delta", "downtime")
 
 
 # --- processes and limits -----------------------------------------------------------------
