@@ -164,7 +164,7 @@ def build_delta(
     """Write a delta from ``base`` to ``target`` into ``out``.
 
     ``base`` and ``target`` must be seekable (both are read twice: hashed first, since the header
-    carries their sha256). Memory: the base's block index (~50 bytes a block) and one segment.
+    carries their sha256). Memory: the base's block index (~130 bytes a block) and one segment.
     """
     if block_size < 64 or max_segment < block_size or max_dict < max_segment:
         raise DeltaError("need 64 <= block_size <= max_segment <= max_dict")
