@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -93,10 +94,15 @@ def test_delta_built_signed_served_and_applied(server: ServerProc, tmp_path: Pat
     assert hashlib.sha256(got.read_bytes()).hexdigest() == d.sha256
     running = tmp_path / "slot-a.img"
     running.write_bytes(v1 + bytes(5000))  # a partition larger than the image
-    new = tmp_path / "slot-b.img"
+    # rebuilt where corral tuf-client keeps the full target, which it then verifies against the
+    # signed metadata of the full artifact and does not download again
+    new = client.target_dir / quote(a2["tuf"]["target_name"], "")
     delta.apply_file(running, got, new, target_sha256=signed["custom"]["delta"]["target_sha256"],
                      target_length=signed["custom"]["delta"]["target_length"])
     assert new.read_bytes() == v2
+    inode = new.stat().st_ino
+    assert Path(ok(client.download(a2["tuf"]["target_name"])).strip()) == new
+    assert new.stat().st_ino == inode and new.read_bytes() == v2
 
     # a delta file altered on the server is refused by TUF; withdrawing removes target and file
     blob = s.data_dir / "artifacts" / "deltas" / d.sha256
