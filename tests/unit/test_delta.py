@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from corral import delta as d
 
@@ -264,3 +266,22 @@ def test_command_line_builds_and_applies(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "base").write_bytes(base[:-1])
     assert d.main(["apply", p[0], p[2], p[3], "--sha256", sha, "--length", str(len(target))]) == 1
     assert capsys.readouterr().err.startswith("error: wrong base")
+
+
+_edit = st.tuples(st.sampled_from(["insert", "delete", "replace"]), st.integers(0, 5000), st.binary(max_size=300))
+
+
+@settings(max_examples=150, deadline=None)
+@given(base=st.binary(max_size=3000).map(lambda b: b * 3), edits=st.lists(_edit, max_size=6),
+       block=st.sampled_from([64, 128, 512]))
+def test_any_edits_round_trip(base: bytes, edits: list[tuple[str, int, bytes]], block: int) -> None:
+    target = base
+    for kind, at, data in edits:
+        at = min(at, len(target))
+        if kind == "insert":
+            target = target[:at] + data + target[at:]
+        elif kind == "delete":
+            target = target[:at] + target[at + len(data):]
+        else:
+            target = target[:at] + data + target[at + len(data):]
+    _roundtrip(base, target, block_size=block, max_segment=4 * block, max_dict=16 * block)
