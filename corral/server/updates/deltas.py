@@ -28,6 +28,7 @@ of its blocks changed takes a few seconds (``docs/benchmarks.md``, bench ``delta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -100,6 +101,10 @@ def build_file(base: Path, target: Path, out_dir: Path, level: int = delta_forma
     """Build the delta from the file ``base`` to ``target`` into ``out_dir/SHA256`` (written to
     a temporary file, fsync'd, renamed); returns its sha256 and what the build reports."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for left in out_dir.glob(".build.*.tmp"):  # from a server that died mid-build
+        with contextlib.suppress(OSError):
+            if time.time() - left.stat().st_mtime > artifacts.STALE_UPLOAD_SECONDS:
+                left.unlink()
     fd, tmp = create_temp(out_dir / "build")
     try:
         with os.fdopen(fd, "wb") as out, base.open("rb") as b, target.open("rb") as t:
