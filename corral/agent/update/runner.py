@@ -343,6 +343,8 @@ class UpdateRunner:
             import urllib.request
 
             url = job.metadata_url.rstrip("/") + "/1.root.json"
+            if not url.startswith(("http://", "https://")):  # never file:// or another scheme urllib knows
+                return f"cannot trust the TUF root: metadata URL {job.metadata_url!r} is not http(s)"
             log.warning("no [update] tuf_root provisioned: trusting %s on first use", url)
             root = self.dir / "root-tofu.json"
             with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 (http(s) URL from the server)
