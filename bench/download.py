@@ -21,7 +21,6 @@ goal is at least 80 % of the reference.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
@@ -32,9 +31,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench.common import PY, CorralServer, Figure, add_figures, finish, free_port, new_result, stop_process
+from bench.common import (
+    PY,
+    CorralServer,
+    Figure,
+    add_figures,
+    bench_main,
+    bench_parser,
+    free_port,
+    new_result,
+    stop_process,
+    wait_http_ok,
+)
 
 GOAL_RATIO = 0.8
 MB = 1e6
@@ -73,28 +81,18 @@ def _static_server(directory: Path, log: Path) -> tuple[subprocess.Popen[bytes],
     code = textwrap.dedent(f"""
         import uvicorn
         from starlette.applications import Starlette
-        from starlette.routing import Mount
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Mount, Route
         from starlette.staticfiles import StaticFiles
-        app = Starlette(routes=[Mount("/files", StaticFiles(directory={str(directory)!r}))])
+        app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok")),
+                                Mount("/files", StaticFiles(directory={str(directory)!r}))])
         uvicorn.run(app, host="127.0.0.1", port={port}, loop="uvloop", http="httptools", log_level="warning")
     """)
     with log.open("ab") as out:
         proc = subprocess.Popen([PY, "-c", code], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    _wait_port(url, proc, log)
+    wait_http_ok(url + "/", proc, log, timeout=30)
     return proc, url
-
-
-def _wait_port(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the static server died: {log.read_text()[-2000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            httpx.get(url + "/", timeout=2)
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the static server did not start")
 
 
 def run(size_mib: int, rounds: int, quick: bool, keep: bool) -> dict[str, Any]:
@@ -157,12 +155,9 @@ def run(size_mib: int, rounds: int, quick: bool, keep: bool) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m bench.download", description=__doc__.split("\n\n")[0])
+    ap = bench_parser("download", __doc__ or "", "32 MiB, 2 rounds")
     ap.add_argument("--size", type=int, default=512, help="artifact size, MiB")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 32 MiB, 2 rounds")
-    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     return ap
 
 
@@ -173,11 +168,5 @@ def main_result(argv: list[str] | None = None) -> dict[str, Any]:
     return run(a.size, a.rounds, a.quick, a.keep)
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = _parser().parse_args(argv)
-    finish(main_result(argv), docs=not a.no_docs)
-
-
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    bench_main(_parser(), main_result)

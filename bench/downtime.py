@@ -36,7 +36,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PY, CorralServer, Figure, add_figures, finish, free_port, new_result, stop_process, tail
+from bench.common import (
+    PY,
+    CorralServer,
+    Figure,
+    add_figures,
+    bench_main,
+    bench_parser,
+    free_port,
+    new_result,
+    stop_process,
+    tail,
+)
 
 GOAL_S = 2.0
 
@@ -121,15 +132,21 @@ class Probe:
         return out
 
 
-def _deploy(server: CorralServer, ref: str, device: str, timeout: float = 120.0) -> dict[str, Any]:
+def _deploy(server: CorralServer, ref: str, device: str, expect: str, margin: float = 0.0,
+            timeout: float = 120.0) -> dict[str, Any]:
+    """Deploy ``ref`` to ``device`` and wait until it ends as ``expect``; ``margin`` seconds of
+    quiet before and after, so that a probe sees the application steady on both sides."""
+    time.sleep(margin)
     with server.client() as c:
         dep = c.post("/deployments", json={"artifact": ref, "devices": [device]}).raise_for_status().json()["id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            d: dict[str, Any] = c.get(f"/deployments/{dep}").raise_for_status().json()
-            row = d["devices"][0]
+            row: dict[str, Any] = c.get(f"/deployments/{dep}").raise_for_status().json()["devices"][0]
             if row["status"] in ("succeeded", "failed", "rolled-back"):
-                return row  # type: ignore[no-any-return]
+                if row["status"] != expect:
+                    raise RuntimeError(f"{ref} ended {row['status']}, not {expect}: {row}")
+                time.sleep(margin)
+                return row
             time.sleep(0.1)
     raise RuntimeError(f"deployment of {ref} did not finish in {timeout:g} s")
 
@@ -167,21 +184,11 @@ def run(probe_interval: float, quick: bool, keep: bool) -> dict[str, Any]:
                 online = [d for d in c.get("/devices").json()["items"] if d.get("online")]
             device = online[0]["id"] if online else None
             time.sleep(0.2)
-        first = _deploy(server, "demo@1.0.0", device)
-        if first["status"] != "succeeded":
-            raise RuntimeError(f"v1 did not install: {first}")
+        _deploy(server, "demo@1.0.0", device, "succeeded")
         with Probe(port, probe_interval) as update_probe:
-            time.sleep(1)
-            second = _deploy(server, "demo@2.0.0", device)
-            time.sleep(1)
-        if second["status"] != "succeeded":
-            raise RuntimeError(f"v2 did not install: {second}")
+            _deploy(server, "demo@2.0.0", device, "succeeded", margin=1.0)
         with Probe(port, probe_interval) as rollback_probe:
-            time.sleep(1)
-            third = _deploy(server, "demo@3.0.0", device)
-            time.sleep(1)
-        if third["status"] != "rolled-back":
-            raise RuntimeError(f"v3 was not rolled back: {third}")
+            third = _deploy(server, "demo@3.0.0", device, "rolled-back", margin=1.0)
         update_gaps, rollback_gaps = update_probe.gaps(), rollback_probe.gaps()
         # the reference: the same app, stopped and started by hand
         app_dir = tmp / "manual"
@@ -190,7 +197,6 @@ def run(probe_interval: float, quick: bool, keep: bool) -> dict[str, Any]:
         (app_dir / "VERSION").write_text("1.0.0")
         ref_port = free_port()
         manual = subprocess.Popen([PY, "app.py", str(ref_port)], cwd=app_dir)
-        ref_gaps: list[float] = []
         with Probe(ref_port, probe_interval) as ref_probe:
             time.sleep(1)
             manual.send_signal(signal.SIGTERM)
@@ -234,11 +240,8 @@ def run(probe_interval: float, quick: bool, keep: bool) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m bench.downtime", description=__doc__.split("\n\n")[0])
+    ap = bench_parser("downtime", __doc__ or "", "the same steps; results kept apart")
     ap.add_argument("--probe-interval", type=float, default=0.02, help="seconds between probes")
-    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
-    ap.add_argument("--quick", action="store_true", help="smoke run (same steps; results kept apart)")
-    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     return ap
 
 
@@ -247,11 +250,5 @@ def main_result(argv: list[str] | None = None) -> dict[str, Any]:
     return run(a.probe_interval, a.quick, a.keep)
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = _parser().parse_args(argv)
-    finish(main_result(argv), docs=not a.no_docs)
-
-
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    bench_main(_parser(), main_result)
