@@ -94,7 +94,7 @@ async def _aggregates(db: AsyncSession, alert: Alert, calls: frozenset[tuple[str
             j = j.outerjoin(DeviceTag.__table__, and_(DeviceTag.device_id == Series.device_id,
                                                       DeviceTag.key == alert.by_tag))
         which = [Series.metric_id == mid, *_device_filter(Series.device_id, alert.selector)]
-        conds = [*which, series_in(Point.series_id, which, postgres), Point.ts >= start_ms, Point.ts <= end_ms,
+        conds = [series_in(Point.series_id, which, postgres), Point.ts >= start_ms, Point.ts <= end_ms,
                  minute_condition(Point.minute, start_ms, end_ms + 1)]
         if fn == "p95":
             rows = (await db.execute(select(key, Point.value).select_from(j).where(*conds))).all()

@@ -145,7 +145,7 @@ def _segment(source: str, q: MetricQuery, metric_id: int, scope: ColumnElement[b
     which = [s.c.metric_id == metric_id]  # the series read
     if scope is not None:
         which.append(s.c.device_id.in_(select(Device.id).where(scope)))
-    conds = [*which, ts >= lo, ts < hi]
+    conds = [ts >= lo, ts < hi]  # the series: series_in below, a condition of the index
     if source == "raw":
         conds.append(minute_condition(t.c.minute, lo, hi))
     conds.append(series_in(t.c.series_id, which, postgres))
