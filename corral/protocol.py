@@ -271,10 +271,21 @@ class RulesAck(msgspec.Struct, omit_defaults=True):
     refused: dict[str, str] = {}
 
 
+class DeltaOffer(msgspec.Struct, omit_defaults=True):
+    """A delta the device may download instead of the full artifact (ADR 0014): the TUF target
+    ``target_name`` rebuilds the artifact from the bytes of ``base_version``, whose file has
+    ``base_sha256``. A device that does not hold that file downloads the full artifact."""
+
+    target_name: str
+    base_version: str
+    base_sha256: str
+
+
 class Deploy(msgspec.Struct, omit_defaults=True):
     """Install an artifact (issue 4). The bytes are fetched and verified with ``corral tuf-client``
     from ``metadata_url``/``target_base_url`` (ADR 0010/0011); ``health_timeout`` (seconds), when
-    set, overrides the artifact's own ``[health] timeout``."""
+    set, overrides the artifact's own ``[health] timeout``; ``delta``, when the server built one
+    from the version this device runs, is the cheaper way to the same verified bytes."""
 
     deployment_id: str
     name: str
@@ -286,6 +297,7 @@ class Deploy(msgspec.Struct, omit_defaults=True):
     sha256: str = ""
     size: int = 0
     health_timeout: float | None = None
+    delta: DeltaOffer | None = None
 
 
 class DeploymentReport(msgspec.Struct, omit_defaults=True):
@@ -298,6 +310,9 @@ class DeploymentReport(msgspec.Struct, omit_defaults=True):
     reason: str = ""
     #: the version of the artifact's name running now ("" when none)
     running_version: str = ""
+    #: how the artifact arrived: "delta" (rebuilt from the running version's bytes), "full", or
+    #: "" before the download ended
+    download: Literal["", "delta", "full"] = ""
 
 
 class DeploymentAck(msgspec.Struct, omit_defaults=True):

@@ -89,8 +89,11 @@ class UpdateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     reserve_bytes: int = 16 * 1024 * 1024
     #: how long an app gets to exit after SIGTERM before SIGKILL
     stop_timeout: float = 10.0
-    #: how long one ``corral tuf-client download`` may take
+    #: how long one ``corral tuf-client download`` (or applying a delta) may take
     download_timeout: float = 3600.0
+    #: keep the file of each installed artifact, so that the next version can arrive as a delta
+    #: from it (ADR 0014); costs one artifact's size on disk per artifact name
+    keep_delta_base: bool = True
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -30,6 +30,7 @@ DEVICE_COLUMNS: list[tuple[str, Any]] = [
     ("STATUS", lambda r: r["status"]),
     ("STEP", lambda r: r["step"]),
     ("RUNNING", lambda r: r["running_version"]),
+    ("DOWNLOAD", lambda r: r.get("download", "")),
     ("REASON", lambda r: r["reason"]),
 ]
 

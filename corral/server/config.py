@@ -133,12 +133,18 @@ class Updates:
     resign_margin: float = 0.5
     # superseded versions of N.targets.json / N.snapshot.json kept for clients in mid-refresh
     keep_versions: int = 16
+    # When a deployment is created, build a delta from each version its devices run (ADR 0014);
+    # a delta over delta_max_ratio of the full artifact is not published
+    build_deltas: bool = True
+    delta_max_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.resign_margin < 1:
             raise ValueError("updates resign_margin must be between 0 and 1")
         if self.resign_interval >= self.timestamp_expiry * self.resign_margin:
             raise ValueError("updates resign_interval must be shorter than the timestamp's re-sign margin")
+        if not 0 < self.delta_max_ratio <= 1:
+            raise ValueError("updates delta_max_ratio must be in (0, 1]")
         if self.keep_versions < 1 or self.max_artifact_bytes < 1:
             raise ValueError("updates keep_versions and max_artifact_bytes must be positive")
 

@@ -7,11 +7,13 @@ killed in the middle of an update resumes and ends on one version."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from corral.agent.update.supervisor import Supervisor
@@ -107,20 +109,36 @@ def serving(port: int) -> list[str]:
     return result
 
 
-def upload_app(s: ServerProc, tmp: Path, version: str, port: int, health: str = "") -> dict[str, Any]:
-    bundle = make_app(tmp / f"demo-{version}.tar.gz", version, port, health=health)
-    r = upload(s, bundle.read_bytes(), name="demo", version=version, kind="app", filename="demo.tar.gz")
+def upload_app(s: ServerProc, tmp: Path, version: str, port: int, health: str = "",
+               payload: bytes = b"") -> dict[str, Any]:
+    bundle = make_app(tmp / f"demo-{version}.tar.zst", version, port, health=health, payload=payload)
+    r = upload(s, bundle.read_bytes(), name="demo", version=version, kind="app", filename="demo.tar.zst")
     assert r.status_code == 201, r.text
     doc: dict[str, Any] = r.json()
     return doc
 
 
-def test_install_then_a_bad_version_rolls_back_then_a_tampered_one_is_refused(
+def signed_targets(s: ServerProc) -> dict[str, Any]:
+    """The targets the repository signs now, as a device reads them."""
+    version = s.api("GET", "/tuf").json()["roles"]["targets"]["version"]
+    r = httpx.get(f"{s.url}/device/v1/tuf/metadata/{version}.targets.json", timeout=10)
+    assert r.status_code == 200, r.text
+    targets: dict[str, Any] = r.json()["signed"]["targets"]
+    return targets
+
+
+#: the bulk of every version of the demo app in the main test: the same bytes, so that a delta
+#: between two versions is small (random, so that it is not because they compress well)
+PAYLOAD = random.Random(4).randbytes(2 << 20)
+
+
+def test_install_then_a_bad_version_rolls_back_then_a_delta_then_a_tampered_one_is_refused(
         server: ServerProc, device: Device, tmp_path: Path) -> None:
+    """The issue's "done when", from the CLI."""
     s = server
     agent, dev, _ = device
     port = free_port()
-    upload_app(s, tmp_path, "1.0.0", port)
+    upload_app(s, tmp_path, "1.0.0", port, payload=PAYLOAD)
 
     r = s.cli("deploy", "demo@1.0.0", "--device", dev, "--wait", "--json")  # waits, showing progress
     assert r.returncode == 0, r.stderr
@@ -128,8 +146,8 @@ def test_install_then_a_bad_version_rolls_back_then_a_tampered_one_is_refused(
     d1 = doc["id"]
     assert "in-progress" in r.stderr or "succeeded" in r.stderr
     row = doc["devices"][0]
-    assert (doc["status"], row["status"], row["step"], row["running_version"]) == \
-        ("succeeded", "succeeded", "committed", "1.0.0"), doc
+    assert (doc["status"], row["status"], row["step"], row["running_version"], row["download"]) == \
+        ("succeeded", "succeeded", "committed", "1.0.0", "full"), doc
     assert serving(port) == ["1.0.0", "a"]  # the app runs from slot a
     assert not (agent.state_dir / "update" / "root-tofu.json").exists()  # the provisioned root was used
     assert (agent.state_dir / "apps" / "demo" / "slots" / "a" / "VERSION").read_text() == "1.0.0"
@@ -140,7 +158,7 @@ def test_install_then_a_bad_version_rolls_back_then_a_tampered_one_is_refused(
     assert shown["devices"][0]["status"] == "succeeded" and shown["counts"] == {"succeeded": 1}
 
     # v2's health command fails: the agent rolls back by itself, says why, and v1 runs again
-    upload_app(s, tmp_path, "2.0.0", port, health=FAILING_HEALTH)
+    upload_app(s, tmp_path, "2.0.0", port, health=FAILING_HEALTH, payload=PAYLOAD)
     d2 = deploy(s, "demo@2.0.0", dev)
     row = finished(s, d2)["devices"][0]
     assert row["status"] == "rolled-back", row
@@ -148,30 +166,53 @@ def test_install_then_a_bad_version_rolls_back_then_a_tampered_one_is_refused(
     assert row["running_version"] == "1.0.0"
     assert serving(port) == ["1.0.0", "a"]
 
-    # v3's bytes are altered on the server's disk after upload: TUF refuses them
-    v3 = upload_app(s, tmp_path, "3.0.0", port)
-    blob = s.data_dir / "artifacts" / v3["sha256"]
+    # v3 arrives as a delta from the version the device runs (1.0.0, after the rollback), and commits
+    v3 = upload_app(s, tmp_path, "3.0.0", port, payload=PAYLOAD)
+    d3 = deploy(s, "demo@3.0.0", dev)
+    row = finished(s, d3)["devices"][0]
+    assert (row["status"], row["running_version"], row["download"]) == ("succeeded", "3.0.0", "delta"), row
+    assert serving(port) == ["3.0.0", "b"]
+    delta = signed_targets(s)["demo/3.0.0/delta-from-1.0.0"]
+    assert delta["length"] < v3["size"] // 10, (delta["length"], v3["size"])  # what the device fetched
+    bases = agent.state_dir / "update" / "bases" / "demo"
+    assert [f.name for f in bases.iterdir()] == [v3["sha256"]]  # v3's file is the next delta's base
+    r = s.cli("deployment", "show", d3)
+    assert r.returncode == 0 and "delta" in r.stdout, r.stdout
+
+    # v4's bytes are altered on the server's disk after upload: no delta can be built from them,
+    # and TUF refuses the full artifact
+    v4 = upload_app(s, tmp_path, "4.0.0", port, payload=PAYLOAD)
+    blob = s.data_dir / "artifacts" / v4["sha256"]
     tampered = bytearray(blob.read_bytes())
     tampered[len(tampered) // 2] ^= 0xFF
     blob.write_bytes(bytes(tampered))
-    d3 = deploy(s, "demo@3.0.0", dev)
-    row = finished(s, d3)["devices"][0]
+    d4 = deploy(s, "demo@4.0.0", dev)
+    row = finished(s, d4)["devices"][0]
     assert row["status"] == "failed", row
     assert "hash" in row["reason"].lower() or "length" in row["reason"].lower(), row
-    assert row["running_version"] == "1.0.0"
-    assert serving(port) == ["1.0.0", "a"]
-    slot_b = agent.state_dir / "apps" / "demo" / "slots" / "b" / "VERSION"
-    assert not slot_b.exists() or slot_b.read_text() != "3.0.0"  # nothing of v3 installed
+    assert row["running_version"] == "3.0.0"
+    assert serving(port) == ["3.0.0", "b"]
+    slot_a = agent.state_dir / "apps" / "demo" / "slots" / "a" / "VERSION"
+    assert not slot_a.exists() or slot_a.read_text() != "4.0.0"  # nothing of v4 installed
+
+    # a device that no longer holds its version's file is offered the delta and downloads in full
+    for f in bases.iterdir():
+        f.unlink()
+    upload_app(s, tmp_path, "5.0.0", port, payload=PAYLOAD)
+    d5 = deploy(s, "demo@5.0.0", dev)
+    row = finished(s, d5)["devices"][0]
+    assert (row["status"], row["running_version"], row["download"]) == ("succeeded", "5.0.0", "full"), row
+    assert "demo/5.0.0/delta-from-3.0.0" in signed_targets(s)
 
     r = s.cli("deployment", "list", "--json")
     assert r.returncode == 0, r.stderr
     listed = {d["id"]: d["status"] for d in json.loads(r.stdout)}
-    assert listed == {d1: "succeeded", d2: "failed", d3: "failed"}
+    assert listed == {d1: "succeeded", d2: "failed", d3: "succeeded", d4: "failed", d5: "succeeded"}
     # an artifact a deployment used cannot be deleted
     assert s.api("DELETE", "/artifacts/demo/1.0.0").status_code == 409
     # audited
     actions = [e["action"] for e in s.api("GET", "/audit").json()["items"]]
-    assert actions.count("deployment.create") == 3
+    assert actions.count("deployment.create") == 5
 
 
 def test_bad_requests_create_nothing(server: ServerProc, device: Device,

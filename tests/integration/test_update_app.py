@@ -41,12 +41,16 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-def make_app(path: Path, version: str, port: int, *, health: str = "", run_extra: str = "") -> Path:
+def make_app(path: Path, version: str, port: int, *, health: str = "", run_extra: str = "",
+             payload: bytes = b"") -> Path:
+    """The demo app; ``payload`` (a data file) goes first in the archive, so that versions with
+    the same payload share the start of their compressed bytes, as a delta needs."""
     command = f"{shlex.quote(sys.executable)} server.py {port} {run_extra}".strip()
     extra = f'[run]\ncommand = "{command}"\n'
     extra += health or f'[health]\nhttp = "http://127.0.0.1:{port}/health"\ntimeout = "20s"\n'
-    return app(path, "demo", version, extra, files=[file("server.py", SERVER), file("VERSION", version),
-                                                    file("check.sh", "#!/bin/sh\nexit 0\n", 0o755)])
+    files = [file("corral-app.toml", manifest("demo", version, extra)), file("server.py", SERVER),
+             file("VERSION", version), file("check.sh", "#!/bin/sh\nexit 0\n", 0o755)]
+    return bundle(path, [file("payload.bin", payload), *files] if payload else files)
 
 
 def get(port: int) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from corral.errors import InvalidInput
-from corral.server.updates.deployments import accept_report, split_ref, summarise
+from corral.server.updates.deployments import accept_report, running_version, split_ref, summarise
 
 
 def test_a_report_is_kept_only_when_its_seq_is_newer() -> None:
@@ -50,3 +50,16 @@ def test_artifact_reference() -> None:
     for bad in ("demo", "@1", "demo@"):
         with pytest.raises(InvalidInput):
             split_ref(bad)
+
+
+@pytest.mark.parametrize(("inventory", "expected"), [
+    ({"software": {"app.demo": "1.2.0", "app.other": "9"}}, "1.2.0"),
+    ({"software": {"rootfs.demo": "1.2.0"}}, ""),  # another kind's
+    ({"software": {"app.demo": 3}}, ""),  # not a version string
+    ({"software": "app.demo=1"}, ""),
+    ({}, ""),
+    (None, ""),
+])
+def test_the_running_version_is_the_inventory_entry_of_the_kind_and_name(
+        inventory: dict[str, object] | None, expected: str) -> None:
+    assert running_version(inventory, "app", "demo") == expected

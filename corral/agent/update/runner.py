@@ -8,9 +8,17 @@ subprocess, extraction, health checks) runs in one thread of the runner's own, s
 event loop keeps its heartbeats and telemetry going.
 
 On disk, under ``STATE_DIR/update``: ``job`` (the ``deploy`` message, written first), ``record``
-(the :class:`UpdateRecord`), ``finished`` (the final reports of the last deployments, so a
-``deploy`` sent again after the end is answered with its outcome), ``tuf/`` (the client's
-trusted metadata) and ``downloads/``.
+(the :class:`UpdateRecord`), ``download`` (how the artifact arrived: ``delta`` or ``full``),
+``finished`` (the final reports of the last deployments, so a ``deploy`` sent again after the
+end is answered with its outcome), ``tuf/`` (the client's trusted metadata), ``downloads/``,
+``deltas/`` and ``bases/NAME/SHA256`` (the file of the version of NAME last committed).
+
+Deltas (ADR 0014): when the ``deploy`` message offers one from a version whose file is in
+``bases/``, the runner downloads the delta (a TUF target of its own, verified by ``corral
+tuf-client``), rebuilds the artifact from it in a short-lived ``python -m corral.delta apply``
+process, then runs the usual ``corral tuf-client download`` of the artifact, which finds the
+rebuilt file, checks it against the signed hashes and downloads nothing. If any of that fails,
+the full artifact is downloaded as if no delta had been offered.
 
 Reports are at-least-once: the last one is re-sent after every reconnect until the server's
 ``deployment_ack`` for its ``seq`` (or a later one) arrives.
@@ -32,7 +40,8 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
+from urllib.parse import quote
 
 import msgspec
 
@@ -44,7 +53,7 @@ from corral.agent.update.installers import Installer
 from corral.agent.update.supervisor import Supervisor, installed_apps
 from corral.core import update_flow as flow
 from corral.core.update_flow import ActionKind, Event, EventKind, UpdateLimits, UpdateRecord
-from corral.fileio import atomic_write
+from corral.fileio import atomic_write, fsync_dir
 
 log = logging.getLogger("corral.agent.update")
 
@@ -59,9 +68,20 @@ class _Finished(msgspec.Struct):
     reports: list[protocol.DeploymentReport] = []
 
 
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def _tail(text: str, limit: int = 300) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else "")[-limit:]
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 class UpdateRunner:
@@ -85,6 +105,7 @@ class UpdateRunner:
         self._acked: tuple[str, int] | None = None
         self._current: str | None = None
         self._checked_timeout: float | None = None
+        self._download_kind: Literal["", "delta", "full"] = ""
         self._on_finished = on_finished
 
     # --- files ----------------------------------------------------------------------------------
@@ -96,6 +117,10 @@ class UpdateRunner:
     @property
     def job_path(self) -> Path:
         return self.dir / "job"
+
+    @property
+    def download_kind_path(self) -> Path:
+        return self.dir / "download"
 
     def _persist(self, record: UpdateRecord) -> None:
         atomic_write(self.record_path, flow.encode(record))
@@ -118,12 +143,32 @@ class UpdateRunner:
         """Remember the outcome, then drop the record and the download: the deployment is over."""
         kept = [r for r in self._finished() if r.deployment_id != report.deployment_id][-(FINISHED_KEPT - 1):]
         atomic_write(self.dir / "finished", msgspec.json.encode(_Finished([*kept, report])))
-        for p in (self.record_path, self.job_path):
+        for p in (self.record_path, self.job_path, self.download_kind_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-        downloads = self.dir / "downloads"
-        if downloads.is_dir():
-            for f in downloads.iterdir():
+        for folder in (self.dir / "downloads", self.dir / "deltas"):
+            if folder.is_dir():
+                for f in folder.iterdir():
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+        self._download_kind = ""
+
+    def _base_dir(self, name: str) -> Path:
+        return self.dir / "bases" / quote(name, "")
+
+    def _keep_base(self, job: protocol.Deploy, artifact: Path | None) -> None:
+        """The committed artifact's file becomes the base of ``job.name``'s next delta, replacing
+        the one before (named by its sha256, so a crash in between leaves two candidate files,
+        never a file under the wrong name; the next keep removes the other)."""
+        if not self.config.update.keep_delta_base or artifact is None or not artifact.is_file() \
+                or not _is_sha256(job.sha256):
+            return
+        folder = self._base_dir(job.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.replace(artifact, folder / job.sha256)
+        fsync_dir(folder)
+        for f in folder.iterdir():
+            if f.name != job.sha256:
                 with contextlib.suppress(OSError):
                     f.unlink()
 
@@ -222,7 +267,8 @@ class UpdateRunner:
                 running = (installer.version(slot) or "") if slot else ""
         s = record.status
         return protocol.DeploymentReport(deployment_id=record.deployment_id, seq=record.seq, status=s.status,
-                                         step=s.step, reason=s.reason, running_version=running)
+                                         step=s.step, reason=s.reason, running_version=running,
+                                         download=self._download_kind)
 
     # --- the flow -----------------------------------------------------------------------------
 
@@ -273,6 +319,9 @@ class UpdateRunner:
             atomic_write(self.job_path, msgspec.json.encode(job))
             record, actions = self._advance(record, Event(EventKind.START, time.time()), installer)
         else:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                kind = self.download_kind_path.read_text()
+                self._download_kind = kind if kind in ("delta", "full") else ""  # type: ignore[assignment]
             restarted = installer.running_slot() == record.target_slot
             record, actions = flow.resume(record, time.time(), self.limits, restarted=restarted)
             self._persist(record)
@@ -304,6 +353,8 @@ class UpdateRunner:
                 record, actions = self._advance(record, event, installer)
         if record.final:
             report = self._report(record, installer)
+            if record.state is flow.State.COMMITTED:
+                self._keep_base(job, artifact if artifact is not None else self._downloaded(job))
             self._finish(report)
             self._report_from_thread(report)
             log.info("deployment %s: %s %s", job.deployment_id, record.status.status, record.status.reason)
@@ -353,8 +404,6 @@ class UpdateRunner:
         return None if done.returncode == 0 else f"cannot trust the TUF root: {_tail(done.stderr)}"
 
     def _downloaded(self, job: protocol.Deploy) -> Path | None:
-        from urllib.parse import quote
-
         path = self.dir / "downloads" / quote(job.target_name, "")
         return path if path.exists() else None
 
@@ -365,13 +414,63 @@ class UpdateRunner:
             why = f"cannot fetch the TUF root: {e}"
         if why is not None:
             return Event(EventKind.DOWNLOAD_FAILED, time.time(), why), None
-        (self.dir / "downloads").mkdir(exist_ok=True)
+        downloads = self.dir / "downloads"
+        downloads.mkdir(exist_ok=True)
+        rebuilt = self._rebuild_from_delta(job, downloads / quote(job.target_name, ""))
         try:
-            done = self._tuf(job, "--metadata-url", job.metadata_url, "--target-name", job.target_name,
-                             "--target-base-url", job.target_base_url, "--target-dir", str(self.dir / "downloads"),
-                             "download")
+            done = self._tuf_download(job, job.target_name, downloads)
         except subprocess.TimeoutExpired:
             return Event(EventKind.DOWNLOAD_FAILED, time.time(), "the download timed out"), None
         if done.returncode != 0:
             return Event(EventKind.DOWNLOAD_FAILED, time.time(), _tail(done.stderr) or "corral tuf-client failed"), None
-        return Event(EventKind.DOWNLOADED, time.time()), Path(done.stdout.strip().splitlines()[-1])
+        artifact = Path(done.stdout.strip().splitlines()[-1])
+        # the client replaces a file it finds wrong: the same inode is the rebuilt file, verified
+        via_delta = rebuilt is not None and _inode(artifact) == rebuilt
+        if rebuilt is not None and not via_delta:
+            log.warning("deployment %s: the file rebuilt from the delta did not verify; downloaded in full",
+                        job.deployment_id)
+        self._download_kind = "delta" if via_delta else "full"
+        atomic_write(self.download_kind_path, self._download_kind.encode())
+        return Event(EventKind.DOWNLOADED, time.time()), artifact
+
+    def _tuf_download(self, job: protocol.Deploy, target_name: str, into: Path) -> subprocess.CompletedProcess[str]:
+        return self._tuf(job, "--metadata-url", job.metadata_url, "--target-name", target_name,
+                         "--target-base-url", job.target_base_url, "--target-dir", str(into), "download")
+
+    def _rebuild_from_delta(self, job: protocol.Deploy, out: Path) -> int | None:
+        """Rebuild the artifact into ``out`` from the offered delta and the base file kept from
+        the running version; the rebuilt file's inode, or None (no delta offered, no base, or
+        any failure: logged, and the caller downloads the full artifact)."""
+        offer = job.delta
+        if offer is None or not _is_sha256(offer.base_sha256) or not job.size:
+            return None
+        base = self._base_dir(job.name) / offer.base_sha256
+        if not base.is_file():
+            log.info("deployment %s: no file of %s@%s kept; downloading the full artifact", job.deployment_id,
+                     job.name, offer.base_version)
+            return None
+        deltas = self.dir / "deltas"
+        deltas.mkdir(exist_ok=True)
+        try:
+            done = self._tuf_download(job, offer.target_name, deltas)
+            if done.returncode != 0:
+                log.warning("deployment %s: delta not downloaded (%s); downloading the full artifact",
+                            job.deployment_id, _tail(done.stderr))
+                return None
+            delta = Path(done.stdout.strip().splitlines()[-1])
+            applied = subprocess.run(
+                [sys.executable, "-m", "corral.delta", "apply", str(base), str(delta), str(out),
+                 "--sha256", job.sha256, "--length", str(job.size)],
+                capture_output=True, text=True, timeout=self.config.update.download_timeout, check=False,
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+            delta.unlink(missing_ok=True)
+        except (subprocess.TimeoutExpired, OSError) as e:
+            log.warning("deployment %s: delta not applied (%s); downloading the full artifact", job.deployment_id, e)
+            return None
+        if applied.returncode != 0:
+            log.warning("deployment %s: delta not applied (%s); downloading the full artifact", job.deployment_id,
+                        _tail(applied.stderr))
+            return None
+        log.info("deployment %s: %s@%s rebuilt from the delta from %s", job.deployment_id, job.name, job.version,
+                 offer.base_version)
+        return _inode(out)

@@ -25,7 +25,7 @@ from corral.server.api.deps import Ctx, Operator, Paging, Viewer, encode_cursor,
 from corral.server.api.tuf import device_urls
 from corral.server.api.views import iso
 from corral.server.store.models import Artifact, ArtifactComponent
-from corral.server.updates import artifacts, sbom, tuf_repo
+from corral.server.updates import artifacts, deltas, sbom, tuf_repo
 
 router = APIRouter(tags=["artifacts"])
 
@@ -220,7 +220,10 @@ async def show_artifact(name: str, version: str, request: Request, ctx: Ctx, _: 
 
 
 @router.delete("/artifacts/{name}/{version}", status_code=204,
-               summary="Delete an artifact: its TUF target is withdrawn (new targets version)")
+               summary="Delete an artifact: its TUF target and its deltas' are withdrawn (new targets version)")
 async def delete_artifact(name: str, version: str, request: Request, ctx: Ctx, who: Operator) -> Response:
     await artifacts.delete(ctx, who, name, version, rid(request))
+    # after the artifact: a refused delete keeps its deltas. A delta left by a crash in between
+    # is harmless: it is only offered while it rebuilds a stored artifact's exact bytes
+    await deltas.withdraw(ctx, name, version)
     return Response(status_code=204)

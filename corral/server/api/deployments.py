@@ -34,6 +34,7 @@ class DeviceStatusOut(BaseModel):
     reason: str
     seq: int
     running_version: str = Field(description="the artifact name's version running on the device")
+    download: str = Field(description="how the artifact arrived: delta, full, or empty before the download ended")
     updated_at: str | None
 
 
@@ -65,7 +66,8 @@ def view(d: Deployment, a: Artifact, counts: dict[str, int],
         created_at=iso(d.created_at), created_by=d.created_by, updated_at=iso(d.updated_at),
         devices=None if rows is None else [
             DeviceStatusOut(device_id=r.device_id, status=r.status, step=r.step, reason=r.reason, seq=r.seq,
-                            running_version=r.running_version, updated_at=iso(r.updated_at)) for r in rows])
+                            running_version=r.running_version, download=r.download,
+                            updated_at=iso(r.updated_at)) for r in rows])
 
 
 @router.post("/deployments", response_model=Created, status_code=201,
@@ -75,6 +77,8 @@ async def create_deployment(body: DeploymentIn, ctx: Ctx, who: Operator, request
     dep_id = await deployments.create(
         ctx, who, deployments.Request(body.artifact, body.devices, metadata_url, target_base_url,
                                       body.health_timeout), rid(request))
+    if ctx.config.updates.build_deltas:
+        await deployments.build_deltas(ctx, dep_id)
     await deployments.publish(ctx, dep_id)
     return Created(id=dep_id)
 

@@ -491,4 +491,6 @@ class DeploymentDevice(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     seq: Mapped[int] = mapped_column(Integer, default=0)
     running_version: Mapped[str] = mapped_column(String(64), default="")
+    #: "delta", "full", or "" before the device's download ended
+    download: Mapped[str] = mapped_column(String(8), default="", server_default="")
     updated_at: Mapped[float] = mapped_column(Double)

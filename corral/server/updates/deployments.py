@@ -7,28 +7,38 @@ final, on every connect (at-least-once, DESIGN §3); the device's ``deployment_s
 are kept only when their ``seq`` is newer and the change of status is one AWS IoT Jobs allows
 (:func:`accept_report`), so a duplicate or a late report never moves a status back.
 
-The pure bookkeeping (:func:`accept_report`, :func:`summarise`) is what the rollout engine
-builds on; it is unit-tested without a database.
+Deltas (ADR 0014): before the devices are told, :func:`build_deltas` builds a delta from each
+version the deployment's devices run (their inventory's ``software["KIND.NAME"]``), and each
+device's ``deploy`` message offers the one from its version (:func:`offer`). The device uses it
+only if it holds that version's file; otherwise, or when anything about the delta fails, it
+downloads the full artifact, so a delta can save bytes but never fail a deployment.
+
+The pure bookkeeping (:func:`accept_report`, :func:`summarise`, :func:`running_version`) is what
+the rollout engine builds on; it is unit-tested without a database.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import protocol as p
-from corral.errors import InvalidInput, NotFound
+from corral.errors import CorralError, InvalidInput, NotFound
 from corral.server import webhooks
 from corral.server.auth import Principal
 from corral.server.context import ServerContext
 from corral.server.store.models import Artifact, Deployment, DeploymentDevice, Device
-from corral.server.updates import artifacts
+from corral.server.updates import artifacts, deltas
+
+log = logging.getLogger(__name__)
 
 #: devices in one direct deployment (a fleet goes through rollouts)
 MAX_DEVICES = 1000
@@ -61,6 +71,14 @@ def summarise(statuses: Iterable[str]) -> str:
     if any(s not in FINAL for s in seen):
         return "in-progress"
     return "succeeded" if all(s == "succeeded" for s in seen) else "failed"
+
+
+def running_version(inventory: Mapping[str, Any] | None, kind: str, name: str) -> str:
+    """The version of artifact ``name`` a device's inventory says it runs ("" when it says
+    none): its ``software`` entry ``KIND.NAME`` (``app.demo``), as the agent reports it."""
+    software = (inventory or {}).get("software")
+    version = software.get(f"{kind}.{name}") if isinstance(software, Mapping) else None
+    return version if isinstance(version, str) else ""
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -119,21 +137,58 @@ async def create(ctx: ServerContext, who: Principal, req: Request, request_id: s
     return dep_id
 
 
-def message(dep: Deployment, a: Artifact) -> p.Deploy:
+def message(dep: Deployment, a: Artifact, delta: p.DeltaOffer | None = None) -> p.Deploy:
     return p.Deploy(deployment_id=dep.id, name=a.name, version=a.version, kind=a.kind,  # type: ignore[arg-type]
                     target_name=a.target_path, metadata_url=dep.metadata_url,
                     target_base_url=dep.target_base_url, sha256=a.sha256, size=a.size,
-                    health_timeout=dep.health_timeout)
+                    health_timeout=dep.health_timeout, delta=delta)
+
+
+async def build_deltas(ctx: ServerContext, dep_id: str) -> list[deltas.DeltaTarget]:
+    """Build (or find) the delta to the deployment's artifact from each version its devices run
+    and the server holds. One that cannot be built is logged and skipped: those devices get the
+    full artifact."""
+    async with ctx.reader() as db:
+        _dep, a = await load(db, dep_id)
+        inventories = (await db.scalars(
+            select(Device.inventory).join(DeploymentDevice, DeploymentDevice.device_id == Device.id)
+            .where(DeploymentDevice.deployment_id == dep_id))).all()
+        bases = {running_version(inv, a.kind, a.name) for inv in inventories} - {"", a.version}
+        stored = [v for v in sorted(bases) if await artifacts.find(db, a.name, v) is not None]
+    built = []
+    for base in stored:
+        try:
+            d = await deltas.build(ctx, a.name, a.version, base,
+                                   max_ratio=ctx.config.updates.delta_max_ratio)
+        except (CorralError, OSError) as e:
+            log.warning("no delta to %s@%s from %s: %s", a.name, a.version, base, e)
+            continue
+        if d is not None:
+            built.append(d)
+    return built
+
+
+async def offer(db: AsyncSession, a: Artifact, base_version: str) -> p.DeltaOffer | None:
+    """The delta a device running ``base_version`` is offered for ``a``, if one is published
+    and rebuilds exactly ``a``'s bytes."""
+    if not base_version or base_version == a.version:
+        return None
+    d = await deltas.find(db, a.name, a.version, base_version)
+    if d is None or d.target_sha256 != a.sha256 or d.target_length != a.size:
+        return None
+    return p.DeltaOffer(target_name=d.target_path, base_version=base_version, base_sha256=d.base_sha256)
 
 
 async def pending_for(db: AsyncSession, device_id: str) -> list[p.Deploy]:
     """The deployments a device has not finished, oldest first: sent again on every connect."""
     rows = (await db.execute(
-        select(Deployment, Artifact).join(DeploymentDevice, DeploymentDevice.deployment_id == Deployment.id)
+        select(Deployment, Artifact, Device.inventory)
+        .join(DeploymentDevice, DeploymentDevice.deployment_id == Deployment.id)
         .join(Artifact, Artifact.id == Deployment.artifact_id)
+        .join(Device, Device.id == DeploymentDevice.device_id)
         .where(DeploymentDevice.device_id == device_id, DeploymentDevice.status.in_(["queued", "in-progress"]))
         .order_by(Deployment.created_at))).all()
-    return [message(d, a) for d, a in rows]
+    return [message(d, a, await offer(db, a, running_version(inv, a.kind, a.name))) for d, a, inv in rows]
 
 
 async def load(db: AsyncSession, dep_id: str) -> tuple[Deployment, Artifact]:
@@ -155,6 +210,8 @@ async def record_report(db: AsyncSession, device_id: str, report: p.DeploymentRe
     row.step = report.step[:32]
     row.reason = report.reason[:2000]
     row.running_version = report.running_version[:64]
+    if report.download:
+        row.download = report.download
     row.updated_at = now
     await db.flush()
     dep = await db.get(Deployment, report.deployment_id)
@@ -195,7 +252,12 @@ async def publish(ctx: ServerContext, dep_id: str) -> None:
     """Tell the devices' hubs: whichever replica holds a device's session sends ``deploy``."""
     async with ctx.reader() as db:
         dep, a = await load(db, dep_id)
-        ids = [r.device_id for r in await device_rows(db, dep_id)]
-    payload = msgspec.json.encode(message(dep, a))
-    for d in ids:
-        await ctx.bus.publish(f"device.{d}.deploy", payload)
+        devices = (await db.execute(
+            select(Device.id, Device.inventory).join(DeploymentDevice, DeploymentDevice.device_id == Device.id)
+            .where(DeploymentDevice.deployment_id == dep_id))).all()
+        payloads: dict[str, bytes] = {}  # one message per version the devices run
+        for device_id, inventory in devices:
+            base = running_version(inventory, a.kind, a.name)
+            if base not in payloads:
+                payloads[base] = msgspec.json.encode(message(dep, a, await offer(db, a, base)))
+            await ctx.bus.publish(f"device.{device_id}.deploy", payloads[base])
