@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +60,11 @@ log = logging.getLogger("corral.agent.update")
 
 SUPPORTED_KINDS = frozenset({"app"})
 FINISHED_KEPT = 50
+#: Fault injection, for the crash tests only: a comma-separated list of points where the agent
+#: SIGKILLs itself — ``persisted:STATE`` (the record in STATE is on disk, its actions not begun)
+#: or ``performed:ACTION`` (the action's side effect done, the event it ended in not persisted).
+#: Together they are every place a power cut can fall between two steps of the flow.
+CRASH_AT_ENV = "CORRAL_UPDATE_CRASH_AT"
 
 T = TypeVar("T")
 Send = Callable[[protocol.DeploymentReport], Awaitable[None]]
@@ -107,6 +113,7 @@ class UpdateRunner:
         self._checked_timeout: float | None = None
         self._download_kind: Literal["", "delta", "full"] = ""
         self._on_finished = on_finished
+        self._crash_at = frozenset(filter(None, os.environ.get(CRASH_AT_ENV, "").split(",")))
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -344,8 +351,10 @@ class UpdateRunner:
                         artifact = self._downloaded(job)
                     found = perform(installer, action, artifact if artifact is not None else Path("/nonexistent"))
                     if found is None:
+                        self._crash_point(f"performed:{action.kind}")
                         continue
                     event = found
+                self._crash_point(f"performed:{action.kind}")
                 events.append(event)
             if not events:
                 break
@@ -363,8 +372,14 @@ class UpdateRunner:
                  installer: Installer) -> tuple[UpdateRecord, tuple[flow.Action, ...]]:
         record, actions = flow.step(record, event, self.limits)
         self._persist(record)  # before any action (ADR 0009)
+        self._crash_point(f"persisted:{record.state}")
         self._report_from_thread(self._report(record, installer))
         return record, actions
+
+    def _crash_point(self, point: str) -> None:
+        if point in self._crash_at:
+            log.warning("crash injected at %s (%s)", point, CRASH_AT_ENV)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _verify(self, job: protocol.Deploy, installer: Installer, artifact: Path | None,
                 record: UpdateRecord) -> Event:
