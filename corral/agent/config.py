@@ -71,6 +71,22 @@ class RulesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     enforce: bool = True
 
 
+class RootfsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[update.rootfs]``: the A/B partitions a ``rootfs`` artifact is written to (ADR 0012).
+    Without ``partition_a`` and ``partition_b`` the device refuses rootfs deployments."""
+
+    #: the two root partitions (block devices; files in tests)
+    partition_a: Path | None = None
+    partition_b: Path | None = None
+    #: the bootloader environment file: active_slot, upgrade_available, boot_count, boot_limit
+    bootenv: Path = Path("/boot/corral-env")
+    #: a file holding the slot that booted (a or b), written by the boot scripts; without it the
+    #: kernel command line's ``corral.slot=`` is read from /proc/cmdline
+    booted_slot_file: Path | None = None
+    #: boots of a slot on trial before the bootloader falls back to the other one
+    boot_limit: int = 3
+
+
 class UpdateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """``[update]``: how the agent installs deployments (issue 4, ADR 0012)."""
 
@@ -94,6 +110,16 @@ class UpdateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     #: keep the file of each installed artifact, so that the next version can arrive as a delta
     #: from it (ADR 0014); costs one artifact's size on disk per artifact name
     keep_delta_base: bool = True
+    #: the agent's own A/B directory (self-update, ADR 0012); default: CORRAL_AGENT_ROOT, which the
+    #: watchdog sets. Without either, the device refuses agent deployments
+    agent_root: Path | None = None
+    #: how long a new agent has to reconnect and confirm before the watchdog restores the old one
+    agent_confirm_timeout: float = 300.0
+    #: where update modules live (``script`` artifacts that name a module type)
+    modules_dir: Path = Path("/usr/share/corral/modules")
+    #: how long one update-module hook may run
+    hook_timeout: float = 3600.0
+    rootfs: RootfsConfig = msgspec.field(default_factory=RootfsConfig)
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -213,6 +239,13 @@ def _validate(cfg: AgentConfig) -> None:
         (cfg.update.reserve_bytes >= 0, f"update.reserve_bytes must be >= 0, got {cfg.update.reserve_bytes}"),
         (cfg.update.stop_timeout > 0, f"update.stop_timeout must be > 0, got {cfg.update.stop_timeout}"),
         (cfg.update.download_timeout > 0, f"update.download_timeout must be > 0, got {cfg.update.download_timeout}"),
+        (cfg.update.agent_confirm_timeout > 0, "update.agent_confirm_timeout must be > 0"),
+        (cfg.update.hook_timeout > 0, f"update.hook_timeout must be > 0, got {cfg.update.hook_timeout}"),
+        (cfg.update.rootfs.boot_limit >= 1, "update.rootfs.boot_limit must be at least 1"),
+        ((cfg.update.rootfs.partition_a is None) == (cfg.update.rootfs.partition_b is None),
+         "update.rootfs needs both partition_a and partition_b, or neither"),
+        (cfg.update.rootfs.partition_a is None or cfg.update.rootfs.partition_a != cfg.update.rootfs.partition_b,
+         "update.rootfs.partition_a and partition_b must differ"),
     ]
     numbers = {
         "connect_timeout": cfg.connect_timeout,
@@ -226,6 +259,8 @@ def _validate(cfg: AgentConfig) -> None:
         "update.health_interval": cfg.update.health_interval,
         "update.stop_timeout": cfg.update.stop_timeout,
         "update.download_timeout": cfg.update.download_timeout,
+        "update.agent_confirm_timeout": cfg.update.agent_confirm_timeout,
+        "update.hook_timeout": cfg.update.hook_timeout,
     }
     checks += [(math.isfinite(v), f"{k} must be a finite number, got {v}") for k, v in numbers.items()]
     for ok, message in checks:

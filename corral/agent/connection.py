@@ -79,6 +79,8 @@ class Outcome(enum.Enum):
     """Why :meth:`Agent.run` returned (it otherwise runs until cancelled)."""
 
     REFUSED = "refused"
+    #: :meth:`Agent.request_exit` was called: the process exits with ``Agent.exit_code``
+    EXIT = "exit"
 
 
 class CloseAction(enum.Enum):
@@ -172,6 +174,7 @@ class Agent:
 
     __slots__ = (
         "_auth_failed",
+        "_exit",
         "_reboot_requested",
         "_tasks",
         "_token",
@@ -180,6 +183,7 @@ class Agent:
         "commands",
         "config",
         "connected",
+        "exit_code",
         "identity",
         "last_close_code",
         "platform",
@@ -226,6 +230,9 @@ class Agent:
         #: the update runner (corral.agent.update.runner), created on the first deployment or at
         #: start when one is on disk (ADR 0007: the update code is not loaded before)
         self.updates: Any = None
+        #: set by :meth:`request_exit`: the code the process exits with (75: to the watchdog)
+        self.exit_code: int | None = None
+        self._exit = asyncio.Event()
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -236,9 +243,17 @@ class Agent:
         collector = None
         if self.telemetry is not None:
             collector = asyncio.get_running_loop().create_task(self.telemetry.run())
+        main = asyncio.ensure_future(self._run())
+        exiting = asyncio.ensure_future(self._exit.wait())
         try:
-            return await self._run()
+            await asyncio.wait({main, exiting}, return_when=asyncio.FIRST_COMPLETED)
+            if exiting.done():
+                return Outcome.EXIT
+            return main.result()
         finally:
+            for t in (main, exiting):
+                t.cancel()
+            await asyncio.gather(main, exiting, return_exceptions=True)
             if collector is not None:
                 collector.cancel()
                 await asyncio.gather(collector, return_exceptions=True)
@@ -459,14 +474,11 @@ class Agent:
                 reason="updates are disabled on this device ([update] enabled = false)"))
             return
         try:
-            if self.updates is None:
-                from corral.agent.update.runner import UpdateRunner  # ADR 0007: only when an update comes
-
-                runner = UpdateRunner(self.config, on_finished=self.send_inventory)
-                await runner.start()
+            runner = self.updates
+            if runner is None:
+                runner = await self.start_updates()
                 await runner.attach(self._send_report)
-                self.updates = runner
-            await self.updates.on_deploy(msg)
+            await runner.on_deploy(msg)
         except (ConnectionClosed, ConnectionError):
             raise
         except Exception as exc:  # e.g. the apps folder cannot be written: say so, stay connected
@@ -570,9 +582,24 @@ class Agent:
         if cfg.attributes:
             inv.attributes = {**inv.attributes, **cfg.attributes}
         if self.updates is not None:  # the installed apps' versions (ADR 0012)
-            apps = await asyncio.to_thread(self.updates.inventory)
-            inv.software = {**inv.software, **{f"app.{k}": v for k, v in apps.items()}}
+            installed = await asyncio.to_thread(self.updates.inventory)
+            inv.software = {**inv.software, **installed}
         await ws.send(_CODEC.encode(inv))
+
+    async def start_updates(self) -> Any:
+        """Load and start the update runner (ADR 0007: only when a deployment comes, or when one
+        is on disk at start)."""
+        from corral.agent.update.runner import UpdateRunner
+
+        runner = UpdateRunner(self.config, on_finished=self.send_inventory, exit_agent=self.request_exit)
+        await runner.start()
+        self.updates = runner
+        return runner
+
+    def request_exit(self, code: int) -> None:
+        """Stop the agent and exit the process with ``code`` (the update runner's hand-over)."""
+        self.exit_code = code
+        self._exit.set()
 
     def request_reboot(self) -> None:
         self._reboot_requested = True

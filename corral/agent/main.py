@@ -94,11 +94,7 @@ def _has_update_state(config: AgentConfig) -> bool:
 async def _updates(config: AgentConfig, agent: Agent) -> Any:
     if not await asyncio.to_thread(_has_update_state, config):
         return None
-    from corral.agent.update.runner import UpdateRunner
-
-    runner = UpdateRunner(config, on_finished=agent.send_inventory)
-    await runner.start()
-    return runner
+    return await agent.start_updates()
 
 
 async def _telemetry(config: AgentConfig, platform: Platform,
@@ -146,6 +142,9 @@ async def _run(agent: Agent, identity_id: str, stop: asyncio.Event | None) -> in
     if outcome is Outcome.REFUSED:
         _error(f"device {identity_id} was refused by the server (rejected or decommissioned); not retrying")
         return EXIT_ERROR
+    if outcome is Outcome.EXIT and agent.exit_code is not None:
+        log.info("device %s: agent exits with %d", identity_id, agent.exit_code)
+        return agent.exit_code
     return EXIT_OK
 
 

@@ -37,6 +37,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,9 +49,10 @@ import msgspec
 
 from corral import protocol
 from corral.agent.config import AgentConfig
+from corral.agent.update import kinds
 from corral.agent.update.actions import perform, verify
-from corral.agent.update.app_bundle import AppConfig, AppInstaller
-from corral.agent.update.installers import Installer
+from corral.agent.update.app_bundle import AppConfig
+from corral.agent.update.installers import ArtifactRefused, Installer, InstallError
 from corral.agent.update.supervisor import Supervisor, installed_apps
 from corral.core import update_flow as flow
 from corral.core.update_flow import ActionKind, Event, EventKind, UpdateLimits, UpdateRecord
@@ -58,7 +60,6 @@ from corral.fileio import atomic_write, fsync_dir
 
 log = logging.getLogger("corral.agent.update")
 
-SUPPORTED_KINDS = frozenset({"app"})
 FINISHED_KEPT = 50
 #: Fault injection, for the crash tests only: a comma-separated list of points where the agent
 #: SIGKILLs itself — ``persisted:STATE`` (the record in STATE is on disk, its actions not begun)
@@ -94,7 +95,8 @@ class UpdateRunner:
     """``on_finished`` is awaited after a deployment ends (the agent re-sends its inventory, which
     lists the installed apps' versions)."""
 
-    def __init__(self, config: AgentConfig, on_finished: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, config: AgentConfig, on_finished: Callable[[], Awaitable[None]] | None = None,
+                 exit_agent: Callable[[int], None] | None = None) -> None:
         u = config.update
         self.config = config
         self.dir = config.state_dir / "update"
@@ -114,6 +116,11 @@ class UpdateRunner:
         self._download_kind: Literal["", "delta", "full"] = ""
         self._on_finished = on_finished
         self._crash_at = frozenset(filter(None, os.environ.get(CRASH_AT_ENV, "").split(",")))
+        self._exit_agent = exit_agent
+        self._platform = kinds.Platform(request_agent_restart=self._hand_over, reboot=self._reboot)
+        self._job: protocol.Deploy | None = None
+        self._connected = threading.Event()  # a session with the server is up (attach/detach)
+        self.installed = kinds.Installed(self.dir / "installed.json")
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -199,12 +206,43 @@ class UpdateRunner:
     async def attach(self, send: Send) -> None:
         """Connected: re-send the last report unless the server has acked it."""
         self._send = send
+        self._connected.set()
         last = self._last
         if last is not None and self._acked != (last.deployment_id, last.seq):
             await self._try_send(last)
 
     def detach(self) -> None:
         self._send = None
+        self._connected.clear()
+
+    def _reconnected(self, deadline: float | None) -> bool:
+        """Wait (in the runner's thread) until the agent has a session with the server, at most
+        until ``deadline``: part of the health check after a reboot or an agent hand-over."""
+        return self._connected.wait(max((deadline or time.time()) - time.time(), 0.0))
+
+    # --- restarts the installers ask for ---------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        """Agent self-update: the record says ``restarting`` (persisted before the action): exit
+        with 75 so that the watchdog starts the agent of the new slot."""
+        if self._exit_agent is None or self._loop is None:
+            raise InstallError("this agent cannot hand over to a new one (not run by `corral agent`)")
+        from corral.agent.update.watchdog import EXIT_RESTART
+
+        log.warning("handing over to the new agent (exit %d to the watchdog)", EXIT_RESTART)
+        self._loop.call_soon_threadsafe(self._exit_agent, EXIT_RESTART)
+
+    def _reboot(self) -> None:
+        """Rootfs: run the reboot command; the device goes down and the agent with it, and the
+        agent that starts next finds the record in ``restarting``."""
+        command = self.config.reboot_command
+        log.warning("rebooting into the new root partition: %s", " ".join(command))
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise InstallError(f"the reboot command {command[0]} failed: {e}") from None
+        if done.returncode != 0:
+            raise InstallError(f"the reboot command exited with {done.returncode}: {_tail(done.stderr + done.stdout)}")
 
     def on_ack(self, ack: protocol.DeploymentAck) -> None:
         last = self._last
@@ -242,8 +280,9 @@ class UpdateRunner:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def inventory(self) -> dict[str, str]:
-        """``{app name: version}`` of the installed apps (ADR 0012 step 7)."""
-        return installed_apps(self.apps_dir)
+        """The inventory's ``software`` entries of what this device installed: ``KIND.NAME`` →
+        version (the apps from their slots, the other kinds as last committed)."""
+        return {**self.installed.read(), **{kinds.key("app", k): v for k, v in installed_apps(self.apps_dir).items()}}
 
     # --- reports ------------------------------------------------------------------------------
 
@@ -268,10 +307,10 @@ class UpdateRunner:
 
     def _report(self, record: UpdateRecord, installer: Installer | None) -> protocol.DeploymentReport:
         running = ""
-        if isinstance(installer, AppInstaller):
+        job = self._job
+        if installer is not None and job is not None:
             with contextlib.suppress(Exception):
-                slot = installer.active()
-                running = (installer.version(slot) or "") if slot else ""
+                running = kinds.running_version(installer, self.installed.read(), job)
         s = record.status
         return protocol.DeploymentReport(deployment_id=record.deployment_id, seq=record.seq, status=s.status,
                                          step=s.step, reason=s.reason, running_version=running,
@@ -301,27 +340,35 @@ class UpdateRunner:
             except Exception as e:  # disconnected: the inventory goes with the next connect
                 log.info("inventory not sent after deployment %s: %s", job.deployment_id, e)
 
-    def _installer(self, job: protocol.Deploy) -> AppInstaller:
-        return AppInstaller(self.app_config, job.name, self.supervisor)
+    def _refuse(self, job: protocol.Deploy, reason: str) -> None:
+        """A deployment this device cannot take: failed at once, nothing changed."""
+        report = protocol.DeploymentReport(deployment_id=job.deployment_id, seq=1, status="failed", step="idle",
+                                           reason=reason)
+        self._finish(report)
+        self._report_from_thread(report)
+        log.warning("deployment %s refused: %s", job.deployment_id, reason)
 
     def _run(self, job: protocol.Deploy, record: UpdateRecord | None, resumed: bool) -> None:
         """The whole deployment, in the runner's thread."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if job.kind not in SUPPORTED_KINDS:
-            report = protocol.DeploymentReport(
-                deployment_id=job.deployment_id, seq=1, status="failed", step="idle",
-                reason=f"this agent does not install {job.kind} artifacts yet")
-            self._finish(report)
-            self._report_from_thread(report)
-            return
-        installer = self._installer(job)
+        self._job = job
+        try:
+            installer = kinds.make_installer(self.config, job, self.supervisor, self.app_config, self._platform)
+        except ArtifactRefused as e:
+            if record is None:
+                self._refuse(job, e.detail)
+                return
+            raise  # a deployment under way whose kind the config no longer allows: kept for a person
         artifact: Path | None = None
         if record is None:
-            previous = installer.active()
+            try:
+                where = kinds.slots(installer, self.installed.read(), job)
+            except ArtifactRefused as e:
+                self._refuse(job, e.detail)
+                return
             record = flow.new_record(
                 job.deployment_id, flow.Artifact(job.name, job.version, job.kind),
-                target_slot="b" if previous == "a" else "a", previous_slot=previous,
-                previous_version=installer.version(previous) if previous else None,
+                target_slot=where.target, previous_slot=where.previous, previous_version=where.previous_version,
                 health_timeout=job.health_timeout, limits=self.limits)
             atomic_write(self.job_path, msgspec.json.encode(job))
             record, actions = self._advance(record, Event(EventKind.START, time.time()), installer)
@@ -329,8 +376,14 @@ class UpdateRunner:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 kind = self.download_kind_path.read_text()
                 self._download_kind = kind if kind in ("delta", "full") else ""  # type: ignore[assignment]
-            restarted = installer.running_slot() == record.target_slot
-            record, actions = flow.resume(record, time.time(), self.limits, restarted=restarted)
+            now = time.time()
+            undone = kinds.verdict(installer, record, now)
+            if undone is not None:  # the watchdog or the bootloader went back already: say why
+                log.warning("deployment %s: %s", job.deployment_id, undone.reason)
+                record, actions = flow.step(record, undone, self.limits)
+            else:
+                record, actions = flow.resume(record, now, self.limits,
+                                              restarted=kinds.restarted(installer, record))
             self._persist(record)
             self._report_from_thread(self._report(record, installer))
             artifact = self._downloaded(job)
@@ -346,6 +399,10 @@ class UpdateRunner:
                     if event.kind is EventKind.VERIFIED and self._checked_timeout is not None \
                             and job.health_timeout is None:  # the artifact's own wins (ADR 0012)
                         record = msgspec.structs.replace(record, health_timeout=self._checked_timeout)
+                elif action.kind is ActionKind.START_HEALTH_CHECK and kinds.needs_reconnect(job.kind) \
+                        and not self._reconnected(action.deadline):
+                    event = Event(EventKind.UNHEALTHY, time.time(), "the agent did not reconnect to the server "
+                                  f"within the health timeout ({record.health_timeout:g}s)")
                 else:
                     if artifact is None:
                         artifact = self._downloaded(job)
@@ -359,11 +416,13 @@ class UpdateRunner:
             if not events:
                 break
             for event in events:
+                if event.kind is EventKind.COMMITTED:  # before the record says so: reported with it
+                    self.installed.committed(job.kind, job.name, job.version)
                 record, actions = self._advance(record, event, installer)
         if record.final:
-            report = self._report(record, installer)
             if record.state is flow.State.COMMITTED:
                 self._keep_base(job, artifact if artifact is not None else self._downloaded(job))
+            report = self._report(record, installer)
             self._finish(report)
             self._report_from_thread(report)
             log.info("deployment %s: %s %s", job.deployment_id, record.status.status, record.status.reason)

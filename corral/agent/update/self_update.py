@@ -63,6 +63,13 @@ class AgentInstaller:
         self._bundle = AppInstaller(AppConfig(root.parent, free=free), AGENT_BUNDLE, Supervisor(root),
                                     app_dir=root, require_run=True)
 
+    def active(self) -> str | None:
+        return active_slot(self.root)
+
+    def version(self, slot: str) -> str | None:
+        """The agent version a slot holds (its bundle's), None if none."""
+        return self._bundle.version(slot)
+
     def check(self, artifact: Path) -> Checked:
         return self._bundle.check(artifact)
 
