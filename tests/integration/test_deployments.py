@@ -311,3 +311,25 @@ def test_reports_lost_while_the_server_is_down_arrive_after_it_comes_back(
     s.restart()
     row = finished(s, d1)["devices"][0]
     assert (row["status"], row["step"], row["running_version"]) == ("succeeded", "committed", "1.0.0"), row
+
+
+def test_a_full_disk_aborts_cleanly_and_the_running_version_stays(
+        server: ServerProc, device: Device, tmp_path: Path, agents: list[AgentProc]) -> None:
+    s = server
+    agent, dev, config = device
+    port = free_port()
+    upload_app(s, tmp_path, "1.0.0", port)
+    assert finished(s, deploy(s, "demo@1.0.0", dev))["devices"][0]["status"] == "succeeded"
+    # the device must keep more free than its disk has: whatever it installs does not fit
+    agent.stop()
+    config.write_text(config.read_text().replace("reserve_bytes = 0", f"reserve_bytes = {1 << 60}"))
+    again = restart_agent(s, agent, config)
+    agents.append(again)
+    upload_app(s, tmp_path, "2.0.0", port)
+    row = finished(s, deploy(s, "demo@2.0.0", dev))["devices"][0]
+    assert (row["status"], row["running_version"]) == ("failed", "1.0.0"), row
+    assert "not enough space" in row["reason"], row
+    assert serving(port) == ["1.0.0", "a"]
+    slot_b = agent.state_dir / "apps" / "demo" / "slots" / "b"
+    assert not slot_b.exists() or not any(slot_b.iterdir())  # nothing written, or what was is gone
+    assert not any((agent.state_dir / "update" / "downloads").iterdir())
