@@ -7,7 +7,7 @@ audited) checks everything before creating anything; ``GET /api/v1/deployments``
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, BackgroundTasks, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
@@ -72,14 +72,13 @@ def view(d: Deployment, a: Artifact, counts: dict[str, int],
 
 @router.post("/deployments", response_model=Created, status_code=201,
              summary="Deploy an artifact to devices (told now if online, else when they connect)")
-async def create_deployment(body: DeploymentIn, ctx: Ctx, who: Operator, request: Request) -> Created:
+async def create_deployment(body: DeploymentIn, ctx: Ctx, who: Operator, request: Request,
+                            background: BackgroundTasks) -> Created:
     metadata_url, target_base_url = device_urls(request)
     dep_id = await deployments.create(
         ctx, who, deployments.Request(body.artifact, body.devices, metadata_url, target_base_url,
                                       body.health_timeout), rid(request))
-    if ctx.config.updates.build_deltas:
-        await deployments.build_deltas(ctx, dep_id)
-    await deployments.publish(ctx, dep_id)
+    background.add_task(deployments.deliver, ctx, dep_id)  # deltas first, then the devices are told
     return Created(id=dep_id)
 
 

@@ -248,6 +248,18 @@ async def counts(db: AsyncSession, dep_ids: list[str]) -> dict[str, dict[str, in
     return out
 
 
+async def deliver(ctx: ServerContext, dep_id: str) -> None:
+    """After a deployment is created: build its deltas (``Updates.build_deltas``), then tell its
+    online devices. Run after the response (building takes seconds for a large image); if the
+    server stops meanwhile, the devices are told when they reconnect (:func:`pending_for`)."""
+    try:
+        if ctx.config.updates.build_deltas:
+            await build_deltas(ctx, dep_id)
+        await publish(ctx, dep_id)
+    except Exception:
+        log.exception("deployment %s: devices not told now; they are when they reconnect", dep_id)
+
+
 async def publish(ctx: ServerContext, dep_id: str) -> None:
     """Tell the devices' hubs: whichever replica holds a device's session sends ``deploy``."""
     async with ctx.reader() as db:
