@@ -288,14 +288,17 @@ class AgentProc:
                               what="the agent's key"))
 
 
-def start_agent(server: ServerProc, state_dir: Path, token: str | None = None, *extra: str) -> AgentProc:
+def start_agent(server: ServerProc, state_dir: Path, token: str | None = None, *extra: str,
+                env: dict[str, str] | None = None) -> AgentProc:
+    """``env``: variables set in the agent's environment over the test's own."""
     state_dir.parent.mkdir(parents=True, exist_ok=True)
     args = ["agent", "--server", server.url, "--state-dir", str(state_dir), *extra]
     if token:
         args += ["--enroll-token", token]
     log = state_dir.parent / f"{state_dir.name}.log"
     out = open(log, "ab")  # noqa: SIM115
-    proc = subprocess.Popen(corral_cmd(*args), stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(corral_cmd(*args), stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, **env} if env else None)
     out.close()
     return AgentProc(state_dir=state_dir, proc=proc, log=log)
 
