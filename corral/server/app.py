@@ -28,6 +28,7 @@ from corral.server.secrets import load_audit_key
 from corral.server.store.db import create_engine, is_sqlite, session_factory
 from corral.server.telemetry_writer import TelemetryWriter
 from corral.server.tsdb import TimeSeriesStore
+from corral.server.updates.rollout_engine import RolloutEngine
 from corral.server.updates.tuf_repo import Keys
 from corral.server.webhooks import WebhookDispatcher
 
@@ -86,10 +87,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         monitor = Monitor(ctx)
         app.state.monitor = monitor
         monitor.start()
+        ctx.rollouts = RolloutEngine(ctx)
+        ctx.rollouts.start()
         gc.freeze()  # what startup built lives as long as the process: keep it out of collections
         try:
             yield
         finally:
+            await ctx.rollouts.stop()
             await monitor.stop()
             await ctx.hub.stop()
             await ctx.telemetry.stop()
@@ -124,13 +128,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         enrollment,
         groups,
         monitoring,
+        rollouts,
         rules,
         tuf,
         webhooks,
     )
 
     for module in (auth, devices, groups, enrollment, audit, monitoring, rules, webhooks, alerts, artifacts, tuf,
-                   deployments):
+                   deployments, rollouts):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(tuf.device_router)  # the device surface's HTTP side: TUF metadata and targets
 

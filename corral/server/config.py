@@ -150,6 +150,20 @@ class Updates:
 
 
 @dataclass(frozen=True)
+class Rollouts:
+    """The rollout engine (``corral.server.updates.rollout_engine``, ADR 0015)."""
+
+    interval: float = 1.0  # every open rollout is stepped at least this often
+    min_gap: float = 0.2  # and at most this often when a device report kicks the engine
+    health_every: float = 5.0  # how often a health gate's metrics are read
+    health_step_ms: int = 10_000  # the buckets of a device's mean
+
+    def __post_init__(self) -> None:
+        if not (self.interval > 0 and self.min_gap >= 0 and self.health_every > 0 and self.health_step_ms >= 1000):
+            raise ValueError("rollouts interval and health_every must be > 0, min_gap >= 0, health_step_ms >= 1000")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path = Path("corral-data")
     host: str = "127.0.0.1"
@@ -165,6 +179,7 @@ class ServerConfig:
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     monitoring: Monitoring = field(default_factory=Monitoring)
     updates: Updates = field(default_factory=Updates)
+    rollouts: Rollouts = field(default_factory=Rollouts)
 
     @property
     def artifact_dir(self) -> Path:

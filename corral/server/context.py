@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from corral.server.hub import Hub
     from corral.server.telemetry_writer import TelemetryWriter
     from corral.server.tsdb import TimeSeriesStore
+    from corral.server.updates.rollout_engine import RolloutEngine
     from corral.server.updates.tuf_repo import Keys
 
 
@@ -35,6 +36,7 @@ class ServerContext:
     tsdb: TimeSeriesStore = None  # type: ignore[assignment]  # set by the app at startup
     telemetry: TelemetryWriter = None  # type: ignore[assignment]  # set by the app at startup
     tuf: Keys = None  # type: ignore[assignment]  # the TUF signing keys, loaded by the app at startup
+    rollouts: RolloutEngine | None = None  # started by the app
     sqlite: bool = True
     # SQLite has one writer: serialising our write transactions in-process avoids
     # SQLITE_BUSY_SNAPSHOT on read-then-write and keeps the audit chain linear.

@@ -411,6 +411,8 @@ class Hub:
             lambda db: deployments.record_report(db, s.device_id, report, now))
         if stored and report.status in deployments.FINAL:
             webhooks.notify(self.ctx)
+            if self.ctx.rollouts is not None:  # a rollout's gates and waves may move now
+                self.ctx.rollouts.kick()
         await self._send(s, p.DeploymentAck(deployment_id=report.deployment_id, seq=report.seq))
 
     # --- sending and closing ----------------------------------------------------------------

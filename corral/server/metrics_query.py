@@ -153,3 +153,26 @@ def _segment(source: str, q: MetricQuery, metric_id: int, scope: ColumnElement[b
     if not values_only:
         stmt = stmt.group_by(key, bucket)
     return stmt
+
+
+async def device_means(db: AsyncSession, tsdb: TimeSeriesStore, metric: str, scope: ColumnElement[bool],
+                       lo_ms: int, hi_ms: int, since_ms: dict[str, int], step_ms: int = 10_000) -> dict[str, float]:
+    """Each device's mean of ``metric`` over [lo_ms, hi_ms) (the devices ``scope`` selects), read
+    in buckets of ``step_ms``; for a device in ``since_ms`` only the buckets that start at or after
+    its time count (the rollout health gate: an updated device is judged on its new version).
+    Devices without points are absent; an unknown metric gives ``{}``."""
+    metric_id = await db.scalar(select(MetricName.id).where(MetricName.name == metric))
+    if metric_id is None or hi_ms <= lo_ms:
+        return {}
+    start = align_start(lo_ms, step_ms)
+    q = MetricQuery(metric, start, hi_ms, step_ms=step_ms, by="device")
+    c1m, c1h = await tsdb.watermarks(db)
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for source, lo, hi in plan_segments(start, hi_ms, step_ms, c1m, c1h):
+        stmt = _segment(source, q, metric_id, scope, step_ms, lo, hi, values_only=False, postgres=tsdb.postgres)
+        for device, bucket, count, total, _mn, _mx in (await db.execute(stmt)).all():
+            if bucket >= since_ms.get(device, 0):
+                acc = sums[device]
+                acc[0] += count
+                acc[1] += total
+    return {d: total / count for d, (count, total) in sums.items() if count}

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from corral.errors import InvalidInput
-from corral.server.updates.deployments import accept_report, running_version, split_ref, summarise
+from corral.server.updates.deployments import (
+    accept_report,
+    parse_wire_id,
+    running_version,
+    split_ref,
+    summarise,
+    wire_id,
+)
 
 
 def test_a_report_is_kept_only_when_its_seq_is_newer() -> None:
@@ -63,3 +70,18 @@ def test_artifact_reference() -> None:
 def test_the_running_version_is_the_inventory_entry_of_the_kind_and_name(
         inventory: dict[str, object] | None, expected: str) -> None:
     assert running_version(inventory, "app", "demo") == expected
+
+
+@pytest.mark.parametrize(("dep_id", "attempt", "wire"), [
+    ("0123456789abcdef", 1, "0123456789abcdef"),
+    ("0123456789abcdef", 2, "0123456789abcdef.2"),
+    ("0123456789abcdef", 11, "0123456789abcdef.11"),
+])
+def test_a_retry_is_a_new_deployment_id_to_the_device(dep_id: str, attempt: int, wire: str) -> None:
+    assert wire_id(dep_id, attempt) == wire
+    assert parse_wire_id(wire) == (dep_id, attempt)
+
+
+@pytest.mark.parametrize("wire", ["abc.1", "abc.0", "abc.x", "abc.", "abc.-2"])
+def test_ids_that_are_not_a_retry_are_the_deployment_id_itself(wire: str) -> None:
+    assert parse_wire_id(wire) == (wire, 1)

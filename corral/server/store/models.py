@@ -493,4 +493,65 @@ class DeploymentDevice(Base):
     running_version: Mapped[str] = mapped_column(String(64), default="")
     #: "delta", "full", or "" before the device's download ended
     download: Mapped[str] = mapped_column(String(8), default="", server_default="")
+    #: a rollout tries a failed device again as attempt 2, 3...: the device sees the deployment id
+    #: ``ID.N`` (a new deployment to it), and a report of an earlier attempt is ignored
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     updated_at: Mapped[float] = mapped_column(Double)
+
+
+class Rollout(Base):
+    """A staged rollout of an artifact to the devices a selector matches (ADR 0015). The devices'
+    install statuses live in its deployment (``deployment_id``); what the planner needs besides
+    (wave, attempts, schedule) in :class:`RolloutDevice`. ``spec`` is the request as given
+    (waves, gates, pacing, seed, canary, include_new)."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(String(32), ForeignKey("deployments.id", ondelete="RESTRICT"),
+                                               index=True)
+    selector: Mapped[str] = mapped_column(Text)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: running, paused, completed or aborted
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    #: the cumulative device count at the end of each wave
+    sizes: Mapped[list[Any]] = mapped_column(JSON)
+    #: the install gate's acknowledged (finished, failed) per wave, set by resume
+    acknowledged: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: the health gate's last baseline median
+    baseline: Mapped[float | None] = mapped_column(Double)
+    #: deltas built and the rollout ready for the engine (set once after creation)
+    prepared: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: over, and no device of it still installing or reverting: the engine leaves it alone
+    settled: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    created_at: Mapped[float] = mapped_column(Double, index=True)
+    created_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class RolloutDevice(Base):
+    """One device's part of a rollout, as the planner sees it (``corral.core.rollout_plan``)."""
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[str] = mapped_column(String(32), ForeignKey("rollouts.id", ondelete="CASCADE"),
+                                            primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(32), ForeignKey("devices.id", ondelete="CASCADE"),
+                                           primary_key=True, index=True)
+    #: the place in the rollout's seeded order; the wave follows from it
+    position: Mapped[int] = mapped_column(Integer)
+    wave: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[float | None] = mapped_column(Double)
+    started_at: Mapped[float | None] = mapped_column(Double)
+    finished_at: Mapped[float | None] = mapped_column(Double)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    #: the version of the artifact's name the device ran when it was told (what a revert installs)
+    previous_version: Mapped[str] = mapped_column(String(64), default="")
+    #: the deployment that takes it back to previous_version, once reverting
+    revert_deployment_id: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (Index("ix_rollout_devices_rollout_position", "rollout_id", "position"),)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import protocol as p
@@ -79,6 +79,26 @@ def running_version(inventory: Mapping[str, Any] | None, kind: str, name: str) -
     software = (inventory or {}).get("software")
     version = software.get(f"{kind}.{name}") if isinstance(software, Mapping) else None
     return version if isinstance(version, str) else ""
+
+
+def wire_id(dep_id: str, attempt: int) -> str:
+    """The deployment id a device sees: ``ID`` for the first attempt, ``ID.N`` for attempt N (a
+    rollout's retry must look new to the device, which answers an id it finished with the
+    outcome it holds)."""
+    return dep_id if attempt <= 1 else f"{dep_id}.{attempt}"
+
+
+def parse_wire_id(wire: str) -> tuple[str, int]:
+    """``(deployment id, attempt)`` of a device's report."""
+    dep_id, sep, n = wire.partition(".")
+    if sep and n.isdigit() and int(n) >= 2:
+        return dep_id, int(n)
+    return wire, 1
+
+
+def summarise_counts(by_status: dict[str, int]) -> str:
+    """:func:`summarise` from the number of devices per status."""
+    return summarise(s for s, n in by_status.items() for _ in range(min(n, 1)))
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -137,22 +157,22 @@ async def create(ctx: ServerContext, who: Principal, req: Request, request_id: s
     return dep_id
 
 
-def message(dep: Deployment, a: Artifact, delta: p.DeltaOffer | None = None) -> p.Deploy:
-    return p.Deploy(deployment_id=dep.id, name=a.name, version=a.version, kind=a.kind,  # type: ignore[arg-type]
+def message(dep: Deployment, a: Artifact, delta: p.DeltaOffer | None = None, attempt: int = 1) -> p.Deploy:
+    return p.Deploy(deployment_id=wire_id(dep.id, attempt), name=a.name, version=a.version, kind=a.kind,  # type: ignore[arg-type]
                     target_name=a.target_path, metadata_url=dep.metadata_url,
                     target_base_url=dep.target_base_url, sha256=a.sha256, size=a.size,
                     health_timeout=dep.health_timeout, delta=delta)
 
 
-async def build_deltas(ctx: ServerContext, dep_id: str) -> list[deltas.DeltaTarget]:
-    """Build (or find) the delta to the deployment's artifact from each version its devices run
-    and the server holds. One that cannot be built is logged and skipped: those devices get the
-    full artifact."""
+async def build_deltas(ctx: ServerContext, dep_id: str, devices: Select[Any] | None = None) -> list[deltas.DeltaTarget]:
+    """Build (or find) the delta to the deployment's artifact from each version its devices (or
+    ``devices``, a query of device ids: a rollout's) run and the server holds. One that cannot be
+    built is logged and skipped: those devices get the full artifact."""
+    ids = devices if devices is not None else \
+        select(DeploymentDevice.device_id).where(DeploymentDevice.deployment_id == dep_id)
     async with ctx.reader() as db:
         _dep, a = await load(db, dep_id)
-        inventories = (await db.scalars(
-            select(Device.inventory).join(DeploymentDevice, DeploymentDevice.device_id == Device.id)
-            .where(DeploymentDevice.deployment_id == dep_id))).all()
+        inventories = (await db.scalars(select(Device.inventory).where(Device.id.in_(ids)))).all()
         bases = {running_version(inv, a.kind, a.name) for inv in inventories} - {"", a.version}
         stored = [v for v in sorted(bases) if await artifacts.find(db, a.name, v) is not None]
     built = []
@@ -182,13 +202,14 @@ async def offer(db: AsyncSession, a: Artifact, base_version: str) -> p.DeltaOffe
 async def pending_for(db: AsyncSession, device_id: str) -> list[p.Deploy]:
     """The deployments a device has not finished, oldest first: sent again on every connect."""
     rows = (await db.execute(
-        select(Deployment, Artifact, Device.inventory)
+        select(Deployment, Artifact, Device.inventory, DeploymentDevice.attempt)
         .join(DeploymentDevice, DeploymentDevice.deployment_id == Deployment.id)
         .join(Artifact, Artifact.id == Deployment.artifact_id)
         .join(Device, Device.id == DeploymentDevice.device_id)
         .where(DeploymentDevice.device_id == device_id, DeploymentDevice.status.in_(["queued", "in-progress"]))
         .order_by(Deployment.created_at))).all()
-    return [message(d, a, await offer(db, a, running_version(inv, a.kind, a.name))) for d, a, inv in rows]
+    return [message(d, a, await offer(db, a, running_version(inv, a.kind, a.name)), attempt)
+            for d, a, inv, attempt in rows]
 
 
 async def load(db: AsyncSession, dep_id: str) -> tuple[Deployment, Artifact]:
@@ -202,9 +223,10 @@ async def load(db: AsyncSession, dep_id: str) -> tuple[Deployment, Artifact]:
 async def record_report(db: AsyncSession, device_id: str, report: p.DeploymentReport, now: float) -> bool:
     """Store a device's report if it is newer and allowed (:func:`accept_report`); updates the
     deployment's summary and queues the webhook event of a final status. True if stored."""
-    row = await db.get(DeploymentDevice, (report.deployment_id[:32], device_id))
-    if row is None or not accept_report(row.status, row.seq, report.status, report.seq):
-        return False
+    dep_id, attempt = parse_wire_id(report.deployment_id)
+    row = await db.get(DeploymentDevice, (dep_id[:32], device_id))
+    if row is None or row.attempt != attempt or not accept_report(row.status, row.seq, report.status, report.seq):
+        return False  # unknown, an earlier attempt's, stale or not allowed
     row.status = report.status
     row.seq = report.seq
     row.step = report.step[:32]
@@ -214,16 +236,17 @@ async def record_report(db: AsyncSession, device_id: str, report: p.DeploymentRe
         row.download = report.download
     row.updated_at = now
     await db.flush()
-    dep = await db.get(Deployment, report.deployment_id)
+    dep = await db.get(Deployment, dep_id)
     assert dep is not None
-    statuses = (await db.scalars(select(DeploymentDevice.status)
-                                 .where(DeploymentDevice.deployment_id == dep.id))).all()
-    dep.status = summarise(statuses)
+    if report.status in FINAL:  # the summary can change only now (a count, not every row)
+        dep.status = summarise_counts((await counts(db, [dep.id]))[dep.id])
+    elif dep.status == "queued":
+        dep.status = "in-progress"
     dep.updated_at = now
     if report.status in FINAL:
         await webhooks.enqueue(db, DEVICE_FINISHED_EVENT, {
             "deployment": dep.id, "device": device_id, "status": report.status, "reason": row.reason,
-            "running_version": row.running_version}, now)
+            "running_version": row.running_version, "attempt": row.attempt}, now)
     return True
 
 
@@ -260,16 +283,21 @@ async def deliver(ctx: ServerContext, dep_id: str) -> None:
         log.exception("deployment %s: devices not told now; they are when they reconnect", dep_id)
 
 
-async def publish(ctx: ServerContext, dep_id: str) -> None:
-    """Tell the devices' hubs: whichever replica holds a device's session sends ``deploy``."""
+async def publish(ctx: ServerContext, dep_id: str, device_ids: Iterable[str] | None = None) -> None:
+    """Tell the devices' hubs (all of the deployment's devices, or ``device_ids``): whichever
+    replica holds a device's session sends ``deploy``."""
     async with ctx.reader() as db:
         dep, a = await load(db, dep_id)
-        devices = (await db.execute(
-            select(Device.id, Device.inventory).join(DeploymentDevice, DeploymentDevice.device_id == Device.id)
-            .where(DeploymentDevice.deployment_id == dep_id))).all()
-        payloads: dict[str, bytes] = {}  # one message per version the devices run
-        for device_id, inventory in devices:
+        stmt = (select(Device.id, Device.inventory, DeploymentDevice.attempt)
+                .join(DeploymentDevice, DeploymentDevice.device_id == Device.id)
+                .where(DeploymentDevice.deployment_id == dep_id))
+        if device_ids is not None:
+            stmt = stmt.where(DeploymentDevice.device_id.in_(list(device_ids)))
+        devices = (await db.execute(stmt)).all()
+        offers: dict[str, p.DeltaOffer | None] = {}  # per version the devices run
+        for device_id, inventory, attempt in devices:
             base = running_version(inventory, a.kind, a.name)
-            if base not in payloads:
-                payloads[base] = msgspec.json.encode(message(dep, a, await offer(db, a, base)))
-            await ctx.bus.publish(f"device.{device_id}.deploy", payloads[base])
+            if base not in offers:
+                offers[base] = await offer(db, a, base)
+            payload = msgspec.json.encode(message(dep, a, offers[base], attempt))
+            await ctx.bus.publish(f"device.{device_id}.deploy", payload)
