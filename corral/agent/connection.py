@@ -451,6 +451,8 @@ class Agent:
                 log.info("device %s: status is now %s", self._tag, body.status)
                 if body.status == "accepted":
                     await self._attach_telemetry()
+                    if self.updates is not None:  # a runner started before (apps on disk, or simulated)
+                        await self.updates.attach(self._send_report)
             elif isinstance(body, protocol.Deploy):
                 await self._on_deploy(body)
             elif isinstance(body, protocol.DeploymentAck):

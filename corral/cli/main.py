@@ -234,16 +234,28 @@ def sim(
     seed: Annotated[int, typer.Option("--seed")] = 1,
     telemetry_interval: Annotated[float | None, typer.Option(
         "--telemetry-interval", help="seconds between metric collections (default 10; 0 turns telemetry off)")] = None,
+    update_time: Annotated[str, typer.Option(
+        "--update-time", metavar="MIN-MAX", help="seconds a simulated update takes (uniform in the range)")] = "1-3",
+    update_fail_rate: Annotated[float, typer.Option(
+        "--update-fail-rate", min=0.0, max=1.0, help="probability that a simulated update fails")] = 0.0,
+    bad_marker: Annotated[str, typer.Option(
+        "--bad-marker", help='a version containing this text is a "bad" release: more CPU, app.crashes > 0 '
+                             '(empty: none)')] = "bad",
+    bad_cpu_delta: Annotated[float, typer.Option(
+        "--bad-cpu-delta", min=0.0, max=100.0, help="CPU percentage points a bad release adds")] = 30.0,
 ) -> None:
     """Run N simulated devices (real agents with simulated platform effects) in one process."""
     from corral.sim.runner import main_sim
+    from corral.sim.updates import SimUpdateSettings, parse_time_range
 
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     if not model_list:
         raise InvalidInput("--models needs at least one model")
+    updates = SimUpdateSettings(duration=parse_time_range(update_time), fail_rate=update_fail_rate,
+                                bad_marker=bad_marker, bad_cpu_delta=bad_cpu_delta)
     raise typer.Exit(main_sim(server=server, enroll_tokens=enroll_token or [], devices=devices,
                               state_dir=state_dir, models=model_list, seed=seed,
-                              telemetry_interval=telemetry_interval))
+                              telemetry_interval=telemetry_interval, updates=updates))
 
 
 # --- devices --------------------------------------------------------------------------------

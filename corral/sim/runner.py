@@ -13,6 +13,10 @@ handshake, heartbeat, backoff and command code as on hardware — with a
   for their first answer), so 10,000 devices neither open 10,000 sockets in the same instant
   nor queue up past their handshake timeout on a slow server. Afterwards, reconnects are
   spread by the agents' own full-jitter backoff.
+* **Deployments are simulated**: each device's ``agent.updates`` is a
+  :class:`~corral.sim.updates.SimUpdater` (the real runner's protocol, no downloads or files),
+  with the fleet's :class:`~corral.sim.updates.SimUpdateSettings`: how long an update takes,
+  how often one fails, and which versions are "bad" releases (more CPU, ``app.crashes``).
 * **Cheap per device**: one event loop, one task per device (plus its socket), no threads per
   device; the codec, command registry, config and random generator are shared. Key files are
   read and written on the default thread pool, never on the event loop.
@@ -42,6 +46,7 @@ from corral.agent.telemetry.pump import TelemetryPump
 from corral.agent.telemetry.spool import MemorySpool, SpoolLimits
 from corral.errors import CorralError, InvalidInput
 from corral.protocol import CloseCode
+from corral.sim.updates import DEFAULT_UPDATE_SETTINGS, SimUpdater, SimUpdateSettings
 
 log = logging.getLogger("corral.sim")
 
@@ -73,6 +78,7 @@ class SimFleet:
         models: Sequence[str],
         seed: int,
         boot_delay: tuple[float, float] = DEFAULT_BOOT_DELAY,
+        updates: SimUpdateSettings = DEFAULT_UPDATE_SETTINGS,
     ) -> None:
         self.config = config
         self.tokens = list(enroll_tokens)
@@ -81,6 +87,7 @@ class SimFleet:
         self.models = tuple(models)
         self.seed = seed
         self.boot_delay = boot_delay
+        self.update_settings = updates
         # one generator for every device's jitter (start, backoff, reboot); the event loop is
         # single-threaded, and a Random per device would cost ~2.5 KiB each
         self.rng = random.Random(seed)
@@ -142,8 +149,13 @@ class SimFleet:
         pump = self._make_pump(i, platform, rules, tag) if cfg.telemetry.enabled else None
         agent = Agent(cfg, identity, platform, store=store, rng=self.rng, enroll_token=token, telemetry=pump,
                       rules=rules)
+        updater = SimUpdater(self.update_settings, self.rng, on_finished=agent.send_inventory)
+        agent.updates = platform.software = updater
         self.agents[i] = agent
-        return await agent.run()
+        try:
+            return await agent.run()
+        finally:
+            await updater.close()
 
     def _make_pump(self, i: int, platform: SimPlatform, rules: AgentRules, tag: str) -> TelemetryPump:
         """Device ``i``'s telemetry pump (a benchmark overrides this to time its batches)."""
@@ -219,13 +231,15 @@ async def run_sim(
     config: AgentConfig | None = None,
     out: TextIO | None = None,
     telemetry_interval: float | None = None,
+    updates: SimUpdateSettings = DEFAULT_UPDATE_SETTINGS,
 ) -> int:
     """Run ``devices`` simulated agents until ``stop`` is set (→ 0).
 
     Returns 1 (with a one-line error on stderr) if every device ended on its own — all
     refused by the server, or all failed to start. Invalid arguments raise
     :class:`~corral.errors.InvalidInput`. ``config`` replaces the agents' default settings
-    (its ``server`` and ``state_dir`` are ignored in favour of the arguments).
+    (its ``server`` and ``state_dir`` are ignored in favour of the arguments); ``updates`` says how
+    the devices take deployments.
     """
     if devices < 1:
         raise InvalidInput(f"--devices must be at least 1, got {devices}")
@@ -249,7 +263,7 @@ async def run_sim(
     await asyncio.to_thread(ensure_private_dir, state_dir)
     stream = out if out is not None else sys.stderr
 
-    fleet = SimFleet(cfg, tokens, devices, state_dir, models, seed, boot_delay)
+    fleet = SimFleet(cfg, tokens, devices, state_dir, models, seed, boot_delay, updates)
     print(
         f"sim: starting {devices} devices against {server} (state in {state_dir}, seed {seed})",
         file=stream,
@@ -314,6 +328,7 @@ def main_sim(
     summary_interval: float = DEFAULT_SUMMARY_INTERVAL,
     verbose: bool = False,
     telemetry_interval: float | None = None,
+    updates: SimUpdateSettings = DEFAULT_UPDATE_SETTINGS,
 ) -> int:
     """The ``corral sim`` command: already-parsed flags in, exit code out (0, or 1 on error)."""
     from corral.agent.main import run_until_signalled, setup_logging
@@ -338,6 +353,7 @@ def main_sim(
                 max_connecting=max_connecting,
                 summary_interval=summary_interval,
                 telemetry_interval=telemetry_interval,
+                updates=updates,
             )
         )
     except CorralError as exc:

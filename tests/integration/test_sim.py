@@ -1,13 +1,18 @@
 """`corral sim` against a real server: N real agents in one process, each with its own key; after
-a server restart they all come back (with jittered backoff) under the same identities."""
+a server restart they all come back (with jittered backoff) under the same identities. Simulated
+devices take deployments (simulated updates: the real protocol, nothing installed)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import ServerProc, corral_cmd, wait_until
+from tests.integration.test_artifacts import upload
 
 N = 100
 
@@ -66,6 +71,43 @@ def test_sim_fleet_survives_a_server_restart(server: ServerProc, tmp_path: Path)
                                                      "device_ids": [dev]}).status_code == 400
         assert server.api("POST", "/commands", json={"name": "ping", "device_ids": [dev, "nope"]}).status_code == 404
         assert server.api("POST", "/commands", json={"name": "ping", "selector": "online =="}).status_code == 400
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(timeout=30)
+    assert sim.returncode == 0
+
+
+def test_sim_devices_take_a_deployment(server: ServerProc, tmp_path: Path) -> None:
+    token = server.create_enrollment_token()
+    sim = subprocess.Popen(corral_cmd("sim", "--server", server.url, "--devices", "2", "--enroll-token", token,
+                                      "--state-dir", str(tmp_path / "sim"), "--update-time", "0.2-0.5"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        devices = wait_until(lambda: (ids := online_ids(server)) and len(ids) == 2 and sorted(ids),
+                             timeout=30, what="2 sim devices online")
+        r = upload(server, b"simulated bytes", name="sensor", version="2.1.0", kind="app")
+        assert r.status_code == 201, r.text
+        args = ["deploy", "sensor@2.1.0", "--json"]
+        for d in devices:
+            args += ["--device", d]
+        done = server.cli(*args)
+        assert done.returncode == 0, done.stderr
+        dep_id = json.loads(done.stdout)["id"]
+
+        def ended() -> list[dict[str, Any]] | None:
+            rows: list[dict[str, Any]] = server.api("GET", f"/deployments/{dep_id}").json()["devices"]
+            return rows if all(d["status"] not in ("queued", "in-progress") for d in rows) else None
+
+        rows = wait_until(ended, timeout=30, interval=0.1, what=f"deployment {dep_id} to end")
+        assert [(d["device_id"], d["status"], d["running_version"]) for d in rows] == \
+            [(d, "succeeded", "2.1.0") for d in devices]
+
+        def software(dev: str) -> dict[str, str] | None:
+            sw: dict[str, str] = server.api("GET", f"/devices/{dev}").json()["inventory"]["software"]
+            return sw if sw.get("app.sensor") == "2.1.0" else None
+
+        for dev in devices:
+            assert "corral-agent" in wait_until(partial(software, dev), what=f"app.sensor in {dev}'s inventory")
     finally:
         sim.send_signal(signal.SIGTERM)
         sim.wait(timeout=30)

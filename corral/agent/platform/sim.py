@@ -9,9 +9,15 @@ process table made on first use): the simulator runs tens of thousands of them i
 
 Metrics come from :mod:`corral.agent.telemetry.simmetrics`, keyed by ``(seed, index)``, with
 the device's own memory and disk sizes and boot time; set :attr:`SimPlatform.metrics_profile` to
-shift them (a benchmark simulating a regression). The process table starts with a few system
-processes and the agent; :meth:`SimPlatform.spawn` adds one (an "untrusted" process for the
-allow-list rule to find), :meth:`SimPlatform.kill` removes it, and a reboot starts it afresh.
+shift them (a benchmark simulating a regression). With :attr:`SimPlatform.software` set (the
+simulator sets each device's :class:`corral.sim.updates.SimUpdater`), the metrics follow what the
+device installed: ``app.crashes`` is 0 per interval, and while a "bad" release is installed it is
+1–3 and ``cpu.percent`` is higher (capped at 100), the regression a rollout's health gate should
+catch.
+
+The process table starts with a few system processes and the agent; :meth:`SimPlatform.spawn`
+adds one (an "untrusted" process for the allow-list rule to find), :meth:`SimPlatform.kill`
+removes it, and a reboot starts it afresh.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import corral
 from corral import protocol
@@ -69,6 +76,14 @@ BASE_PROCESSES: tuple[tuple[int, str, str, str, float], ...] = (
 FIRST_SPAWNED_PID = 1000
 
 
+class SimSoftware(Protocol):
+    """What a simulated device installed, as its metrics see it (:class:`corral.sim.updates.SimUpdater`)."""
+
+    def regression(self) -> float | None:
+        """The CPU percentage points a bad release installed on the device adds; None: none is."""
+        ...
+
+
 class SimPlatform:
     """One simulated device."""
 
@@ -88,6 +103,7 @@ class SimPlatform:
         "model",
         "os_version",
         "reboots",
+        "software",
     )
 
     def __init__(
@@ -122,6 +138,8 @@ class SimPlatform:
         self._procs: dict[int, ProcessInfo] | None = None
         self._next_pid = FIRST_SPAWNED_PID
         self._seed = seed
+        #: the device's installed software (its updater): adds ``app.crashes`` and the regression of a bad release
+        self.software: SimSoftware | None = None
 
     @property
     def hostname(self) -> str:
@@ -161,7 +179,7 @@ class SimPlatform:
     def metrics(self) -> dict[str, float]:
         if self._metrics is None:
             self._metrics = SimMetricSource(f"{self._seed}:{self.index}")
-        return self._metrics.sample(
+        sample = self._metrics.sample(
             time.time(),
             self.metrics_profile,
             memory_bytes=self.memory,
@@ -169,6 +187,16 @@ class SimPlatform:
             disk_used=1.0 - self.disk_free / self.disk_total if self.disk_total else None,
             boot_time=self.boot_time,
         )
+        software = self.software
+        if software is not None:
+            cpu_delta = software.regression()
+            if cpu_delta is None:
+                # reported on healthy versions too: a health gate compares against this baseline
+                sample["app.crashes"] = 0.0
+            else:
+                sample["cpu.percent"] = min(100.0, sample["cpu.percent"] + cpu_delta)
+                sample["app.crashes"] = float(self._rng.randint(1, 3))
+        return sample
 
     def _table(self) -> dict[int, ProcessInfo]:
         if self._procs is None:
