@@ -18,6 +18,7 @@ from corral.cli.common import JsonOpt, ServerOpt, TokenOpt, client, parse_kv
 from corral.cli.deploy import app as deployment_app
 from corral.cli.deploy import deploy as deploy_command
 from corral.cli.output import emit_json, kv, table
+from corral.cli.rollout import app as rollout_app
 from corral.cli.webhook import app as webhook_app
 from corral.errors import CorralError, InvalidInput
 
@@ -511,6 +512,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(webhook_app, name="webhook")
 app.add_typer(artifact_app, name="artifact")
 app.add_typer(deployment_app, name="deployment")
+app.add_typer(rollout_app, name="rollout")
 app.command("deploy")(deploy_command)
 
 
