@@ -34,6 +34,7 @@ class Fleet:
 
 def start_sim(server: ServerProc, tmp: Path, n: int, *extra: str) -> subprocess.Popen[bytes]:
     token = server.create_enrollment_token(tags={"ring": "prod"})
+    tmp.mkdir(parents=True, exist_ok=True)
     with (tmp / "sim.log").open("ab") as log:
         return subprocess.Popen(corral_cmd("sim", "--server", server.url, "--devices", str(n), "--enroll-token",
                                            token, "--state-dir", str(tmp / "sim"), "--update-time", "0.2-0.6",
@@ -238,3 +239,24 @@ def test_abort_with_revert(fleet: Fleet) -> None:
     assert sorted(x["state"] for x in rows) == ["pending"] * (N // 2) + ["reverted"] * (N // 2)
     wait_until(lambda: set(versions(s, fleet.ids).values()) == {"1.0.0"}, what="1.0.0 everywhere again")
     assert s.api("POST", f"/rollouts/{rollout_id}/resume").status_code == 409  # aborted stays aborted
+
+
+def test_devices_that_join_later_are_included(fleet: Fleet, tmp_path: Path) -> None:
+    s = fleet.server
+    artifact(s, "1.0.0")
+    rollout_id = create(s, "sensor@1.0.0", "--waves", "50%,all", "--include-new")
+    wait_until(lambda: all(w["states"] == {"succeeded": w["size"]} for w in show(s, rollout_id)["waves"]),
+               timeout=60, what="the first devices updated")
+    assert show(s, rollout_id)["status"] == "running"  # following the selector: it does not complete
+    late = start_sim(s, tmp_path / "late", 2)  # two more devices with the same tag
+    try:
+        rows = wait_until(lambda: (rs := devices(s, rollout_id)) and len(rs) == N + 2
+                          and all(r["state"] == "succeeded" for r in rs) and rs, timeout=60,
+                          what="the late devices updated")
+        assert len({r["device_id"] for r in rows} - set(fleet.ids)) == 2
+        assert {r["wave"] for r in rows if r["device_id"] not in fleet.ids} == {2}  # the last wave
+    finally:
+        late.send_signal(signal.SIGTERM)
+        late.wait(timeout=30)
+    r = s.cli("rollout", "abort", rollout_id)  # a following rollout ends when told
+    assert r.returncode == 0 and "aborted" in r.stdout
