@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ DATA = Path(os.environ.get("CORRAL_DATA_DIR", "corral-data"))
 BIND = os.environ.get("CORRAL_BIND", "127.0.0.1:8080")
 SITES = ("berlin", "lisbon", "osaka")
 DEVICES = int(os.environ.get("CORRAL_SIM_DEVICES", "50"))
+#: more `corral sim` options (tests make the fleet report faster: --telemetry-interval 1)
+SIM_ARGS = shlex.split(os.environ.get("CORRAL_SIM_ARGS", ""))
 
 
 def _write_private(path: Path, doc: object) -> None:
@@ -93,6 +96,7 @@ def main() -> None:
         sim_cmd = [*corral, "sim", "--server", url, "--devices", str(DEVICES), "--state-dir", str(DATA / "sim")]
         for t in tokens:
             sim_cmd += ["--enroll-token", t]
+        sim_cmd += SIM_ARGS
         procs.append(subprocess.Popen(sim_cmd))
         print("\n" + "=" * 64)
         print(f"  Corral is running: {url}")

@@ -19,7 +19,8 @@ app = typer.Typer(help="Rollouts: an artifact to the devices a selector matches,
 
 #: device states that are over for the rollout
 DONE = ("succeeded", "failed", "skipped", "reverted", "revert_failed")
-ENDED = ("completed", "aborted")
+#: watch stops at these: the rollout is over, or waits for an operator
+STOPPED = ("completed", "aborted", "paused")
 POLL = 1.0
 
 ROLLOUT_COLUMNS: list[tuple[str, Any]] = [
@@ -174,8 +175,8 @@ def _wave_text(w: dict[str, Any], current: int) -> str:
 def watch(rollout_id: Annotated[str, typer.Argument(help="rollout id")],
           timeout: Annotated[float | None, typer.Option("--timeout", min=0, help="stop watching after seconds")] = None,
           server: ServerOpt = None, token: TokenOpt = None) -> None:
-    """Live progress bars per wave until the rollout completes or is aborted (exit 0 when it completed,
-    1 otherwise; a paused rollout is watched until it moves again)."""
+    """Live progress bars per wave until the rollout completes (exit 0), or is paused or aborted (exit 1,
+    with the reason: a gate tripped, or an operator acted)."""
     c = client(server, token)
     console = Console(stderr=True)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -199,7 +200,7 @@ def watch(rollout_id: Annotated[str, typer.Argument(help="rollout id")],
                 progress.console.print(" | ".join(
                     f"wave {w['wave']} {sum(n for s, n in w['states'].items() if s in DONE)}/{w['size']}"
                     for w in doc["waves"]))
-            if doc["status"] in ENDED or (deadline is not None and time.monotonic() >= deadline):
+            if doc["status"] in STOPPED or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(POLL)
             doc = c.get(f"/rollouts/{rollout_id}")

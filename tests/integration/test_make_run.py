@@ -15,9 +15,9 @@ import httpx
 from tests.conftest import free_port, wait_until
 
 
-def _start(data: Path, port: int) -> subprocess.Popen[str]:
+def _start(data: Path, port: int, sim_args: str = "", devices: int = 12) -> subprocess.Popen[str]:
     env = {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_BIND": f"127.0.0.1:{port}",
-           "CORRAL_SIM_DEVICES": "12", "CORRAL_LOG_LEVEL": "WARNING"}
+           "CORRAL_SIM_DEVICES": str(devices), "CORRAL_LOG_LEVEL": "WARNING", "CORRAL_SIM_ARGS": sim_args}
     # its own process group, so a "Ctrl-C" reaches the launcher and its children like a terminal's
     return subprocess.Popen([sys.executable, "-m", "corral.devrun"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -87,3 +87,51 @@ def test_make_run_starts_a_fleet_stops_cleanly_and_reuses_data(tmp_path: Path) -
     assert proc.returncode == 0, out
     assert sorted(d["id"] for d in again) == sorted(d["id"] for d in devices)
     assert creds["admin_password"] in out  # the same admin, printed again
+
+
+def test_the_readme_rollout_demo_on_the_make_run_fleet(tmp_path: Path) -> None:
+    """The README's rollout demo, command by command, on `make run`'s fleet (reporting every second
+    and updating in under a second, so the waits are shorter than the README's)."""
+    data, port = tmp_path / "corral-data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    # 30 devices: the first wave (10 %) holds 3, what the health gate needs by default to judge
+    proc = _start(data, port, "--telemetry-interval 1 --update-time 0.2-0.5", devices=30)
+    try:
+        wait_until(lambda: (data / "demo-credentials.json").exists(), timeout=60, what="credentials")
+        creds = json.loads((data / "demo-credentials.json").read_text())
+        wait_until(lambda: len(_devices(url, creds["api_token"])) == 30, timeout=90, what="30 devices")
+        env = {**os.environ, "CORRAL_SERVER": url, "CORRAL_TOKEN": creds["api_token"],
+               "XDG_CONFIG_HOME": str(tmp_path / "cli"), "COLUMNS": "200"}
+
+        def corral(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True, env=env,
+                                  timeout=180, cwd=tmp_path)
+
+        (tmp_path / "demo.bin").write_bytes(os.urandom(1 << 20))
+        assert corral("artifact", "upload", "demo.bin", "--name", "demo", "--version", "1.0.0",
+                      "--kind", "app").returncode == 0
+        gates = ["--health-metric", "app.crashes", "--health-absolute", "0.5"]
+        r = corral("rollout", "create", "demo@1.0.0", "--selector", "exists(tag.site)", "--waves",
+                   "10%,25%,50%,100%", *gates, "--wave-wait", "3s")
+        assert r.returncode == 0, r.stderr
+        good = r.stdout.strip()
+        watched = corral("rollout", "watch", good)
+        assert watched.returncode == 0 and f"rollout {good} completed" in watched.stderr, watched.stderr
+        assert corral("artifact", "upload", "demo.bin", "--name", "demo", "--version", "1.1.0-bad",
+                      "--kind", "app").returncode == 0
+        r = corral("rollout", "create", "demo@1.1.0-bad", "--selector", "exists(tag.site)", "--waves",
+                   "10%,25%,50%,100%", *gates, "--wave-wait", "1m", "--auto-revert")
+        assert r.returncode == 0, r.stderr
+        bad = r.stdout.strip()
+        watched = corral("rollout", "watch", bad, "--timeout", "120")
+        assert watched.returncode == 1 and f"rollout {bad} paused: health gate" in watched.stderr, watched.stderr
+        shown = json.loads(corral("rollout", "show", bad, "--json").stdout)
+        assert shown["status"] == "paused" and shown["reason"].startswith("health gate: app.crashes"), shown
+        first_wave = [d for d in json.loads(corral("rollout", "devices", bad, "--json").stdout) if d["wave"] == 1]
+        assert len(first_wave) == 3
+        wait_until(lambda: all(d["state"] == "reverted" for d in json.loads(
+            corral("rollout", "devices", bad, "--json").stdout) if d["wave"] == 1), timeout=60,
+                   what="the first wave reverted")
+    finally:
+        out = _ctrl_c(proc)
+    assert proc.returncode == 0, out
