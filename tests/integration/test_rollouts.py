@@ -260,3 +260,18 @@ def test_devices_that_join_later_are_included(fleet: Fleet, tmp_path: Path) -> N
         late.wait(timeout=30)
     r = s.cli("rollout", "abort", rollout_id)  # a following rollout ends when told
     assert r.returncode == 0 and "aborted" in r.stdout
+
+
+def test_failed_devices_are_retried_as_new_attempts_then_given_up(server: ServerProc, tmp_path: Path) -> None:
+    s = server
+    for f in fleet_of(s, tmp_path, "--update-fail-rate", "1", n=3):
+        artifact(s, "2.0.0")
+        rollout_id = create(s, "sensor@2.0.0", "--waves", "all", "--no-install-gate", "--retries", "1",
+                            "--retry-backoff", "1s", "--per-tag", "ring=1")
+        doc = status_is(s, rollout_id, "completed")
+        assert doc["waves"][0]["states"] == {"failed": 3}
+        rows = devices(s, rollout_id)
+        # each device was told twice: attempt 2 reached it as a new deployment (ID.2) and its report counted
+        assert [(r["attempt"], r["status"], r["reason"]) for r in rows] == \
+            [(2, "failed", "simulated install failure")] * 3
+        assert sorted(r["device_id"] for r in rows) == f.ids
