@@ -122,6 +122,35 @@ class UpdateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     rootfs: RootfsConfig = msgspec.field(default_factory=RootfsConfig)
 
 
+class RemoteConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[remote]``: terminals, port forwarding and file transfer to this device (issue 6)."""
+
+    #: each feature can be turned off: the device then refuses such sessions
+    terminal: bool = True
+    forward: bool = True
+    files: bool = True
+    #: the terminal's shell: an absolute path, which must be listed in /etc/shells
+    shell: str = "/bin/sh"
+    #: run the shell as this user (the agent must run as root); default: the agent's own user
+    user: str | None = None
+    #: terminals open at the same time, at most
+    max_sessions: int = 4
+    #: seconds without input or output after which a terminal is closed
+    idle_timeout: float = 900.0
+    #: forward targets, ``HOST:PORT`` or ``HOST:*`` (a name, an address, a network; IPv6 in
+    #: brackets); default: this device's loopback only (``localhost``, 127.0.0.0/8, ::1)
+    allow: tuple[str, ...] | None = None
+    #: how long connecting to a forward target may take
+    connect_timeout: float = 10.0
+    #: the directories files may be copied to and from (absolute); when the config is loaded, the
+    #: default becomes STATE_DIR/files (without any, file transfer is refused)
+    dirs: tuple[Path, ...] | None = None
+    #: the largest file copied either way
+    max_file_bytes: int = 64 * 1024 * 1024
+    #: bytes per binary frame (terminal output, forwarded data, file contents)
+    chunk_bytes: int = 32 * 1024
+
+
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: the Corral server (or gateway): http(s)://host[:port][/prefix]; ws(s):// also accepted
     server: str
@@ -154,6 +183,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
     update: UpdateConfig = msgspec.field(default_factory=UpdateConfig)
+    remote: RemoteConfig = msgspec.field(default_factory=RemoteConfig)
     log_level: str = "info"
 
     @property
@@ -246,6 +276,7 @@ def _validate(cfg: AgentConfig) -> None:
          "update.rootfs needs both partition_a and partition_b, or neither"),
         (cfg.update.rootfs.partition_a is None or cfg.update.rootfs.partition_a != cfg.update.rootfs.partition_b,
          "update.rootfs.partition_a and partition_b must differ"),
+        *_remote_checks(cfg.remote),
     ]
     numbers = {
         "connect_timeout": cfg.connect_timeout,
@@ -261,11 +292,38 @@ def _validate(cfg: AgentConfig) -> None:
         "update.download_timeout": cfg.update.download_timeout,
         "update.agent_confirm_timeout": cfg.update.agent_confirm_timeout,
         "update.hook_timeout": cfg.update.hook_timeout,
+        "remote.idle_timeout": cfg.remote.idle_timeout,
+        "remote.connect_timeout": cfg.remote.connect_timeout,
     }
     checks += [(math.isfinite(v), f"{k} must be a finite number, got {v}") for k, v in numbers.items()]
     for ok, message in checks:
         if not ok:
             raise InvalidInput(f"invalid agent config: {message}")
+
+
+def _remote_checks(r: RemoteConfig) -> list[tuple[bool, str]]:
+    checks = [
+        (r.shell.startswith("/"), f"remote.shell must be an absolute path, got {r.shell!r}"),
+        (r.user is None or (r.user != "" and r.user.strip() == r.user),
+         f"remote.user must be a user name, got {r.user!r}"),
+        (1 <= r.max_sessions <= 1000, f"remote.max_sessions must be between 1 and 1000, got {r.max_sessions}"),
+        (r.idle_timeout > 0, f"remote.idle_timeout must be > 0, got {r.idle_timeout}"),
+        (r.connect_timeout > 0, f"remote.connect_timeout must be > 0, got {r.connect_timeout}"),
+        (r.max_file_bytes >= 0, f"remote.max_file_bytes must be >= 0, got {r.max_file_bytes}"),
+        (1024 <= r.chunk_bytes <= 256 * 1024,  # the relay's largest message (ADR 0016)
+         f"remote.chunk_bytes must be between 1024 and 262144, got {r.chunk_bytes}"),
+    ]
+    checks += [(d.is_absolute(), f"remote.dirs must be absolute paths, got {str(d)!r}") for d in r.dirs or ()]
+    if r.allow is not None:
+        # only a configured list costs the import (the agent's start-up stays without it: ADR 0007)
+        from corral.core.remote import parse_allow
+
+        for entry in r.allow:
+            try:
+                parse_allow(entry)
+            except InvalidInput as exc:
+                checks.append((False, f"remote.allow: {exc.detail}"))
+    return checks
 
 
 def config_from_dict(data: dict[str, Any]) -> AgentConfig:
@@ -277,6 +335,9 @@ def config_from_dict(data: dict[str, Any]) -> AgentConfig:
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid agent config: {exc}") from None
     cfg = msgspec.structs.replace(cfg, log_level=cfg.log_level.lower())
+    if cfg.remote.dirs is None:
+        files = (cfg.state_dir / "files").absolute()
+        cfg = msgspec.structs.replace(cfg, remote=msgspec.structs.replace(cfg.remote, dirs=(files,)))
     _validate(cfg)
     return cfg
 
