@@ -322,10 +322,32 @@ class DeploymentAck(msgspec.Struct, omit_defaults=True):
     seq: int
 
 
+class SessionOpen(msgspec.Struct, omit_defaults=True):
+    """Open a remote-access session (issue 6, ADR 0016): connect a WebSocket to ``relay_url``
+    with ``Authorization: Bearer <token>`` (single-use, valid for seconds) and run ``kind`` over
+    it. ``params``: terminal ``{cols, rows}``; forward ``{host, port}``; upload ``{path, size,
+    sha256, mode}``; download ``{path}``. The device checks everything against its own ``[remote]``
+    config: the server asking is necessary, not sufficient."""
+
+    session_id: str
+    kind: Literal["terminal", "forward", "upload", "download"]
+    relay_url: str
+    token: str
+    user: str = ""
+    params: dict[str, Any] = {}
+
+
+class SessionRefused(msgspec.Struct, omit_defaults=True):
+    """The device will not run a session (a feature turned off, a target not allowed, a limit)."""
+
+    session_id: str
+    reason: str
+
+
 MessageBody = (
     Challenge | Hello | Welcome | Status | Inventory | Heartbeat | HeartbeatAck | Command | CommandAck
     | CommandResult | Error | Telemetry | TelemetryAck | Rules | RulesAck | Deploy | DeploymentReport
-    | DeploymentAck
+    | DeploymentAck | SessionOpen | SessionRefused
 )
 
 #: type name on the wire -> body struct
@@ -348,6 +370,8 @@ MESSAGE_TYPES: dict[str, type[msgspec.Struct]] = {
     "deploy": Deploy,
     "deployment_status": DeploymentReport,
     "deployment_ack": DeploymentAck,
+    "session_open": SessionOpen,
+    "session_refused": SessionRefused,
 }
 TYPE_NAMES: dict[type[msgspec.Struct], str] = {v: k for k, v in MESSAGE_TYPES.items()}
 

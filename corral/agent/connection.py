@@ -66,7 +66,7 @@ MAX_HEARTBEAT_INTERVAL = 3600.0
 
 #: server → agent message types the receive loop acts on; anything else is ignored (newer server)
 _HANDLED_TYPES = frozenset({"command", "status", "heartbeat_ack", "error", "welcome", "challenge", "telemetry_ack",
-                            "rules", "deploy", "deployment_ack"})
+                            "rules", "deploy", "deployment_ack", "session_open"})
 
 
 class RuleHost(Protocol):
@@ -176,6 +176,8 @@ class Agent:
         "_auth_failed",
         "_exit",
         "_reboot_requested",
+        "_remote_limit",
+        "_sessions",
         "_tasks",
         "_token",
         "_ws",
@@ -233,6 +235,8 @@ class Agent:
         #: set by :meth:`request_exit`: the code the process exits with (75: to the watchdog)
         self.exit_code: int | None = None
         self._exit = asyncio.Event()
+        self._sessions: set[asyncio.Task[None]] | None = None
+        self._remote_limit: Any = None
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -251,9 +255,10 @@ class Agent:
                 return Outcome.EXIT
             return main.result()
         finally:
-            for t in (main, exiting):
+            sessions = list(self._sessions or ())
+            for t in (main, exiting, *sessions):
                 t.cancel()
-            await asyncio.gather(main, exiting, return_exceptions=True)
+            await asyncio.gather(main, exiting, *sessions, return_exceptions=True)
             if collector is not None:
                 collector.cancel()
                 await asyncio.gather(collector, return_exceptions=True)
@@ -458,8 +463,39 @@ class Agent:
             elif isinstance(body, protocol.DeploymentAck):
                 if self.updates is not None:
                     self.updates.on_ack(body)
+            elif isinstance(body, protocol.SessionOpen):
+                self._start_session(body)
             elif isinstance(body, protocol.Error):
                 log.warning("device %s: server error %s: %s", self._tag, body.code, body.message)
+
+    # --- remote-access sessions (ADR 0016) -------------------------------------------------------
+
+    def _start_session(self, msg: protocol.SessionOpen) -> None:
+        """Run the session on a task of its own (it outlives a reconnect of this connection: it has
+        its own socket)."""
+
+        async def refuse(reason: str) -> None:
+            ws = self._ws
+            if ws is not None:
+                await ws.send(_CODEC.encode(protocol.SessionRefused(session_id=msg.session_id, reason=reason)))
+
+        async def run() -> None:
+            from corral.agent.sessions import run_session  # ADR 0007: only when a session comes
+
+            if self._remote_limit is None:
+                from corral.agent.remote import SessionLimit
+
+                self._remote_limit = SessionLimit(self.config.remote.max_sessions)
+            try:
+                await run_session(self.config, msg, refuse, self._remote_limit)
+            except Exception:
+                log.exception("device %s: session %s failed", self._tag, msg.session_id)
+
+        if self._sessions is None:
+            self._sessions = set()
+        task = asyncio.get_running_loop().create_task(run())
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
 
     # --- deployments ----------------------------------------------------------------------------
 

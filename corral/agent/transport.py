@@ -43,7 +43,7 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -58,6 +58,7 @@ from wsproto.events import (
     Ping,
     RejectConnection,
     Request,
+    TextMessage,
 )
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.handshake import H11Handshake
@@ -545,12 +546,14 @@ class WebSocket(asyncio.Protocol):
             self._transport.resume_reading()
         return message
 
-    async def send(self, data: bytes) -> None:
-        """Send one binary message; waits while the socket's write buffer is full."""
+    async def send(self, data: bytes | str) -> None:
+        """Send one message (binary for bytes, text for str); waits while the socket's write
+        buffer is full."""
         ws = self._ws
         if ws is None or ws.state is not ConnectionState.OPEN or self._done or self._transport is None:
             raise self._closed()
-        self._transport.write(ws.send(BytesMessage(data=data)))
+        message = TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
+        self._transport.write(ws.send(message))
         if self._paused_writing:
             waiter = asyncio.get_running_loop().create_future()
             if self._drain_waiters is None:
@@ -709,6 +712,7 @@ async def connect(
     compression: bool = False,
     user_agent: str | None = None,
     tls: ssl.SSLContext | None = None,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> AsyncIterator[WebSocket]:
     """Open a WebSocket to ``url`` (``ws://``/``wss://``), closing it (1000) when the block ends.
 
@@ -718,12 +722,13 @@ async def connect(
     target = parse_url(url)
     parsed_proxy = parse_proxy(proxy) if proxy is not None else None
     context = (tls or default_ssl_context()) if target.secure else None
-    headers = [(b"User-Agent", user_agent.encode())] if user_agent else []
+    extra = [(b"User-Agent", user_agent.encode())] if user_agent else []
+    extra += [(k.encode(), v.encode()) for k, v in headers]
     extensions: list[Extension] = (
         [PerMessageDeflate(client_max_window_bits=12, server_max_window_bits=12)] if compression else []
     )
     request = Request(host=target.host_header, target=target.resource, subprotocols=[subprotocol],
-                      extensions=extensions, extra_headers=headers)
+                      extensions=extensions, extra_headers=extra)
     ws = WebSocket(request, max_size=max_size, close_timeout=close_timeout)
     try:
         async with asyncio.timeout(open_timeout):

@@ -38,6 +38,16 @@ class Client:
         self._http.close()
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
+        r = self._send(method, path, **kw)
+        if r.status_code == 204 or not r.content:
+            return None
+        return r.json()
+
+    def get_bytes(self, path: str) -> bytes:
+        """A response body as it is (a file), or the API's error."""
+        return self._send("GET", path).content
+
+    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             r = self._http.request(method, "/api/v1" + path, **kw)
         except httpx.HTTPError as e:
@@ -50,9 +60,7 @@ class Client:
                 detail = r.text[:200] or r.reason_phrase
             cls = _BY_STATUS.get(r.status_code, CorralError)
             raise cls(str(detail))
-        if r.status_code == 204 or not r.content:
-            return None
-        return r.json()
+        return r
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})

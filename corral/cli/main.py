@@ -12,6 +12,7 @@ import typer
 
 from corral.cli import config as cli_config
 from corral.cli import monitoring
+from corral.cli import remote as remote_cli
 from corral.cli.artifact import app as artifact_app
 from corral.cli.client import Client
 from corral.cli.common import JsonOpt, ServerOpt, TokenOpt, client, parse_kv
@@ -465,6 +466,8 @@ app.add_typer(user_app, name="user")
 def user_create(
     name: str,
     role: Annotated[str, typer.Option("--role", help="admin, operator or viewer")] = "viewer",
+    remote_access: Annotated[bool, typer.Option(
+        "--remote-access", help="may open terminals, forwards and file transfers (operators)")] = False,
     password_stdin: Annotated[bool, typer.Option("--password-stdin")] = False,
     json_out: JsonOpt = False, server: ServerOpt = None, token: TokenOpt = None,
 ) -> None:
@@ -472,9 +475,31 @@ def user_create(
     import secrets
 
     password = sys.stdin.readline().rstrip("\r\n") if password_stdin else secrets.token_urlsafe(15)
-    doc = client(server, token).post("/users", {"name": name, "role": role, "password": password})
+    doc = client(server, token).post("/users", {"name": name, "role": role, "password": password,
+                                                "remote_access": remote_access})
     if not password_stdin:
         doc["password"] = password
+    if json_out:
+        emit_json(doc)
+    else:
+        kv(doc)
+
+
+@user_app.command("update")
+def user_update(
+    name: str,
+    role: Annotated[str | None, typer.Option("--role", help="admin, operator or viewer")] = None,
+    remote_access: Annotated[bool | None, typer.Option(
+        "--remote-access/--no-remote-access", help="the remote-access permission")] = None,
+    disabled: Annotated[bool | None, typer.Option("--disable/--enable")] = None,
+    json_out: JsonOpt = False, server: ServerOpt = None, token: TokenOpt = None,
+) -> None:
+    """Change a user's role, remote-access permission or disabled flag."""
+    body = {k: v for k, v in {"role": role, "remote_access": remote_access, "disabled": disabled}.items()
+            if v is not None}
+    if not body:
+        raise InvalidInput("nothing to change: give --role, --remote-access/--no-remote-access or --disable/--enable")
+    doc = client(server, token).patch(f"/users/{name}", body)
     if json_out:
         emit_json(doc)
     else:
@@ -513,6 +538,10 @@ app.add_typer(webhook_app, name="webhook")
 app.add_typer(artifact_app, name="artifact")
 app.add_typer(deployment_app, name="deployment")
 app.add_typer(rollout_app, name="rollout")
+app.command("terminal")(remote_cli.terminal)
+app.command("forward")(remote_cli.forward)
+app.command("cp")(remote_cli.cp)
+app.add_typer(remote_cli.session_app, name="session")
 app.command("deploy")(deploy_command)
 
 

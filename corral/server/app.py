@@ -24,6 +24,7 @@ from corral.server.hub import Hub
 from corral.server.monitor import Monitor
 from corral.server.prom import CONTENT_TYPE as PROM_CONTENT_TYPE
 from corral.server.prom import RequestTimer, ServerMetrics
+from corral.server.remote import DEVICE_RELAY_PATH, Relay
 from corral.server.secrets import load_audit_key
 from corral.server.store.db import create_engine, is_sqlite, session_factory
 from corral.server.telemetry_writer import TelemetryWriter
@@ -55,6 +56,10 @@ class DeviceSurface:
             ctx: ServerContext = self.api.state.ctx
             assert ctx.hub is not None
             await ctx.hub.handle(WebSocket(scope, receive, send))
+        elif scope["type"] == "websocket" and scope["path"].startswith(DEVICE_RELAY_PATH):
+            ctx = self.api.state.ctx  # a device's end of a remote-access session
+            assert ctx.relay is not None
+            await ctx.relay.device(WebSocket(scope, receive, send), scope["path"][len(DEVICE_RELAY_PATH):])
         else:
             await self.api(scope, receive, send)
 
@@ -89,6 +94,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         monitor.start()
         ctx.rollouts = RolloutEngine(ctx)
         ctx.rollouts.start()
+        ctx.relay = Relay(ctx)
+        await ctx.relay.start()
         gc.freeze()  # what startup built lives as long as the process: keep it out of collections
         try:
             yield
@@ -130,12 +137,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         monitoring,
         rollouts,
         rules,
+        sessions,
         tuf,
         webhooks,
     )
 
     for module in (auth, devices, groups, enrollment, audit, monitoring, rules, webhooks, alerts, artifacts, tuf,
-                   deployments, rollouts):
+                   deployments, rollouts, sessions):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(tuf.device_router)  # the device surface's HTTP side: TUF metadata and targets
 

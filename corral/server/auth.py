@@ -39,9 +39,15 @@ class Principal:
     role: str
     token_id: str
     stale_last_used: bool = field(default=False, compare=False)
+    #: the remote-access permission (terminals, forwards, file transfers); admins always have it
+    remote_access: bool = False
 
     def has_role(self, least: str) -> bool:
         return ROLE_RANK[self.role] >= ROLE_RANK[least]
+
+    @property
+    def may_access_devices(self) -> bool:
+        return self.role == "admin" or (self.role == "operator" and self.remote_access)
 
 
 def hash_password(password: str) -> str:
@@ -138,7 +144,8 @@ async def resolve_token(db: AsyncSession, token: str) -> Principal:
         raise Unauthorized("user disabled")
     # last_used is advisory: the caller records it (through the writer) only when it is stale
     stale = tok.last_used_at is None or now - tok.last_used_at > 60
-    return Principal(user_id=user.id, name=user.name, role=user.role, token_id=tok.id, stale_last_used=stale)
+    return Principal(user_id=user.id, name=user.name, role=user.role, token_id=tok.id, stale_last_used=stale,
+                     remote_access=user.remote_access)
 
 
 def touch_statement(token_id: str) -> Any:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from corral.server.bus import Bus
     from corral.server.groupcommit import GroupCommitter
     from corral.server.hub import Hub
+    from corral.server.remote import Relay
     from corral.server.telemetry_writer import TelemetryWriter
     from corral.server.tsdb import TimeSeriesStore
     from corral.server.updates.rollout_engine import RolloutEngine
@@ -37,6 +38,7 @@ class ServerContext:
     telemetry: TelemetryWriter = None  # type: ignore[assignment]  # set by the app at startup
     tuf: Keys = None  # type: ignore[assignment]  # the TUF signing keys, loaded by the app at startup
     rollouts: RolloutEngine | None = None  # started by the app
+    relay: Relay | None = None  # remote-access sessions relayed by this replica (started by the app)
     sqlite: bool = True
     # SQLite has one writer: serialising our write transactions in-process avoids
     # SQLITE_BUSY_SNAPSHOT on read-then-write and keeps the audit chain linear.

@@ -131,6 +131,7 @@ class Hub:
         await bus.subscribe(rules_store.RULES_CHANGED, self._on_rules_changed)
         await bus.subscribe("device.*.rules", self._on_device_rules)
         await bus.subscribe("device.*.deploy", self._on_deploy)
+        await bus.subscribe("device.*.session", self._on_session)
         # Sessions this replica held before a restart are gone: mark their devices offline.
         async with self.ctx.writer() as db:
             await db.execute(
@@ -303,6 +304,8 @@ class Hub:
                 await self._rules_ack(s, body)
             elif isinstance(body, p.DeploymentReport):
                 await self._deployment_report(s, body)
+            elif isinstance(body, p.SessionRefused):  # to whichever replica waits for it
+                await self.ctx.bus.publish(f"session.{body.session_id[:32]}.refused", body.reason[:500].encode())
             else:
                 raise _Close(p.CloseCode.MALFORMED, f"unexpected message {env.type!r}")
 
@@ -541,6 +544,14 @@ class Hub:
             return  # told when it connects (or is accepted)
         with contextlib.suppress(Exception):
             await self._send(s, msgspec.json.decode(data, type=p.Deploy))
+
+    async def _on_session(self, subject: str, data: bytes) -> None:
+        """A remote-access session for a device whose connection this replica holds."""
+        s = self.sessions.get(subject.split(".")[1])
+        if s is None or s.status != "accepted":
+            return  # the operator's side times out and says so
+        with contextlib.suppress(Exception):
+            await self._send(s, msgspec.json.decode(data, type=p.SessionOpen))
 
     async def _on_command_done(self, subject: str, data: bytes) -> None:
         for fut in self._waiters.get(subject.split(".")[1], []):

@@ -40,6 +40,7 @@ class UserOut(BaseModel):
     name: str
     role: str
     disabled: bool
+    remote_access: bool = Field(default=False, description="may open terminals, forwards and file transfers")
     created_at: str | None
 
 
@@ -52,11 +53,13 @@ class UserIn(BaseModel):
     name: str
     role: str
     password: str | None = Field(default=None, max_length=1024)
+    remote_access: bool = False
 
 
 class UserChange(BaseModel):
     role: str | None = None
     disabled: bool | None = None
+    remote_access: bool | None = None
     password: str | None = Field(default=None, max_length=1024)
 
 
@@ -67,7 +70,8 @@ class WhoAmI(BaseModel):
 
 
 def user_view(u: User) -> UserOut:
-    return UserOut(name=u.name, role=u.role, disabled=u.disabled, created_at=iso(u.created_at))
+    return UserOut(name=u.name, role=u.role, disabled=u.disabled, remote_access=bool(u.remote_access),
+                   created_at=iso(u.created_at))
 
 
 @router.post("/auth/login", response_model=TokenOut, summary="Exchange a user name and password for an API token")
@@ -113,7 +117,9 @@ async def list_users(ctx: Ctx, _: Admin, paging: Paging) -> UserPage:
 async def create_user(body: UserIn, ctx: Ctx, who: Admin, request: Request) -> UserOut:
     async with ctx.writer() as db:
         u = await auth.create_user(db, body.name, body.role, body.password)
-        await ctx.audit(db, who, "user.create", u.name, {"role": u.role}, rid(request))
+        u.remote_access = body.remote_access
+        await ctx.audit(db, who, "user.create", u.name, {"role": u.role, "remote_access": u.remote_access},
+                        rid(request))
     return user_view(u)
 
 
@@ -135,6 +141,8 @@ async def change_user(name: str, body: UserChange, ctx: Ctx, who: Admin, request
         if body.disabled is not None:
             u.disabled = body.disabled
             changes["disabled"] = body.disabled
+        if body.remote_access is not None:
+            changes["remote_access"] = u.remote_access = body.remote_access
         if body.password is not None:
             u.password_hash = auth.hash_password(body.password)
             changes["password"] = "changed"

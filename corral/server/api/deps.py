@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 from pydantic import BaseModel
+from starlette.requests import HTTPConnection
 
 from corral.errors import Forbidden, InvalidInput, Unauthorized
 from corral.server.auth import Principal, resolve_token, touch_statement
@@ -31,7 +32,7 @@ def ctx_of(request: Request) -> ServerContext:
 Ctx = Annotated[ServerContext, Depends(get_ctx)]
 
 
-def bearer_token(request: Request) -> str | None:
+def bearer_token(request: HTTPConnection) -> str | None:
     auth = request.headers.get("authorization", "")
     if auth:
         scheme, _, value = auth.partition(" ")
@@ -49,6 +50,11 @@ TOKEN_CACHE_MAX = 10_000
 
 
 async def get_principal(request: Request, ctx: Ctx) -> Principal:
+    return await principal_of(request, ctx)
+
+
+async def principal_of(request: HTTPConnection, ctx: ServerContext) -> Principal:
+    """The caller of a request or WebSocket: its bearer token, or the console's session cookie."""
     token = bearer_token(request)
     if not token:
         raise Unauthorized("an API token is required (Authorization: Bearer <token>)")

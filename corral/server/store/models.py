@@ -119,6 +119,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))  # admin | operator | viewer
     password_hash: Mapped[str | None] = mapped_column(Text)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: may open terminals, forwards and file transfers on devices (operators; admins always may)
+    remote_access: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[float] = mapped_column(Double)
 
 
@@ -555,3 +557,33 @@ class RolloutDevice(Base):
     revert_deployment_id: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (Index("ix_rollout_devices_rollout_position", "rollout_id", "position"),)
+
+
+class RemoteSession(Base):
+    """A remote-access session (ADR 0016): who opened what on which device, when, how many bytes,
+    how it ended. Kept after the device is gone (no foreign key): it is the audit trail."""
+
+    __tablename__ = "remote_sessions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(32), index=True)
+    user_id: Mapped[int] = mapped_column(Integer)
+    user_name: Mapped[str] = mapped_column(String(64))
+    #: terminal, forward, upload or download
+    kind: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: the operator's single-use token and the device's, as SHA-256 digests
+    token_hash: Mapped[str] = mapped_column(String(64))
+    device_token_hash: Mapped[str | None] = mapped_column(String(64))
+    expires_at: Mapped[float] = mapped_column(Double)
+    #: pending (token issued), connecting (token used), open, then closed, refused or ended
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    replica: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[float] = mapped_column(Double, index=True)
+    opened_at: Mapped[float | None] = mapped_column(Double)
+    closed_at: Mapped[float | None] = mapped_column(Double)
+    bytes_to_device: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_from_device: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: the asciicast v2 file of a terminal session, under DATA_DIR/recordings
+    recording: Mapped[str | None] = mapped_column(String(64))

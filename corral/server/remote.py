@@ -1,0 +1,380 @@
+"""Remote-access sessions: who may open them, their single-use tokens, the relay, the recording
+and the audit trail (issue 6, ADR 0016).
+
+A session goes::
+
+    POST /api/v1/devices/ID/sessions   →  pending: a token for the operator (single-use, 60 s,
+                                          bound to this device and this user)
+    operator WS /api/v1/sessions/SID/ws (token + the same user's credentials)
+                                       →  connecting: the device is sent ``session_open`` with a
+                                          token of its own and the relay URL of this replica
+    device WS /device/v1/sessions/SID  (its token) → open: bytes relayed both ways
+    either side closes, or an admin ends it → closed / ended (bytes counted, audited)
+
+A token that is replayed, expired, for another device or presented by another user is refused
+before anything is relayed, and the refusal is audited. The relay holds one message per
+direction: it reads the next one only when the other side has taken the last (the WebSocket's
+send waits for the socket), so a slow side slows the fast one instead of filling memory.
+Terminal output is recorded in asciicast v2 under ``DATA_DIR/recordings/SID.cast``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from sqlalchemy import select, update
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from corral import protocol as p
+from corral.core.remote import Asciicast
+from corral.errors import Conflict, Forbidden, InvalidInput, NotFound
+from corral.server.auth import Principal
+from corral.server.context import ServerContext
+from corral.server.store.models import Device, RemoteSession
+
+log = logging.getLogger(__name__)
+
+KINDS = ("terminal", "forward", "upload", "download")
+TOKEN_TTL = 60.0
+DEVICE_CONNECT_TIMEOUT = 15.0
+#: the largest relayed message, either way (a larger one closes the session with 1009)
+MAX_FRAME = 256 * 1024
+DEVICE_RELAY_PATH = "/device/v1/sessions/"
+#: the subprotocol of a device's end of a session
+SESSION_SUBPROTOCOL = "corral.session.v1"
+CLOSE_REFUSED = 4403
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_TOO_BIG = 1009
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def recordings_dir(ctx: ServerContext) -> Path:
+    return ctx.config.data_dir / "recordings"
+
+
+def _check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The session's parameters, checked for shape (the device checks them for what it allows)."""
+    def number(key: str, lo: int, hi: int, default: int | None = None) -> int:
+        v = params.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise InvalidInput(f"{kind} {key} must be a whole number in {lo}..{hi}")
+        return v
+
+    def text(key: str, limit: int = 4096) -> str:
+        v = params.get(key)
+        if not isinstance(v, str) or not v or len(v) > limit or "\x00" in v:
+            raise InvalidInput(f"{kind} needs {key} (a non-empty string)")
+        return v
+
+    if kind == "terminal":
+        return {"cols": number("cols", 1, 1000, 80), "rows": number("rows", 1, 1000, 24)}
+    if kind == "forward":
+        return {"host": text("host", 255), "port": number("port", 1, 65535)}
+    if kind == "upload":
+        sha = text("sha256", 64).lower()
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise InvalidInput("upload sha256 must be 64 hex digits")
+        return {"path": text("path"), "size": number("size", 0, 1 << 40), "sha256": sha,
+                "mode": number("mode", 0, 0o7777, 0o644)}
+    if kind == "download":
+        return {"path": text("path")}
+    raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+
+
+async def create(ctx: ServerContext, who: Principal, device_id: str, kind: str, params: dict[str, Any],
+                 request_id: str) -> tuple[RemoteSession, str]:
+    """A pending session and the operator's token for it (shown once)."""
+    if not who.may_access_devices:
+        raise Forbidden(f"{who.name} does not have the remote-access permission")
+    checked = _check_params(kind, params)
+    token = "rst_" + secrets.token_urlsafe(32)
+    now = time.time()
+    async with ctx.writer() as db:
+        device = await db.get(Device, device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        if device.status != "accepted":
+            raise Conflict(f"device {device_id} is {device.status}")
+        if not device.online:
+            raise Conflict(f"device {device_id} is offline")
+        s = RemoteSession(id=secrets.token_hex(8), device_id=device_id, user_id=who.user_id, user_name=who.name,
+                          kind=kind, params=checked, token_hash=digest(token), expires_at=now + TOKEN_TTL,
+                          status="pending", reason="", replica=ctx.config.replica_id, created_at=now,
+                          bytes_to_device=0, bytes_from_device=0)
+        db.add(s)
+        await ctx.audit(db, who, f"session.{kind}", device_id, {"session": s.id, **_audit_params(kind, checked)},
+                        request_id)
+    return s, token
+
+
+def _audit_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "sha256"} if kind != "terminal" else {}
+
+
+# --- the relay ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    device: asyncio.Future[WebSocket]
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Relay:
+    """This replica's sessions: those waiting for their device, and those open (to end them)."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.pending: dict[str, _Pending] = {}
+        self.live: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        await self.ctx.bus.subscribe("session.*.refused", self._on_refused)
+        await self.ctx.bus.subscribe("session.*.end", self._on_end)
+
+    async def _on_refused(self, subject: str, data: bytes) -> None:
+        waiting = self.pending.get(subject.split(".")[1])
+        if waiting is not None and not waiting.device.done():
+            waiting.device.set_exception(_Refused(data.decode("utf-8", "replace")))
+
+    async def _on_end(self, subject: str, data: bytes) -> None:
+        task = self.live.get(subject.split(".")[1])
+        if task is not None:
+            task.cancel()
+
+    # --- the operator's side ---
+
+    async def operator(self, ws: WebSocket, session_id: str, token: str, who: Principal | None) -> None:
+        """The operator's WebSocket (accepted by the caller): check the token, open the session
+        on the device, relay until either side ends."""
+        ctx = self.ctx
+        s = await self._claim(session_id, token, who)
+        if s is None:
+            await ws.close(CLOSE_UNAUTHORIZED, "session refused")
+            return
+        device_token = "rdt_" + secrets.token_urlsafe(32)
+        waiting = _Pending(asyncio.get_running_loop().create_future())
+        self.pending[s.id] = waiting
+        try:
+            async with ctx.writer() as db:
+                await db.execute(update(RemoteSession).where(RemoteSession.id == s.id)
+                                 .values(device_token_hash=digest(device_token)))
+            relay_url = ctx.config.public_url.replace("http", "ws", 1) + DEVICE_RELAY_PATH + s.id
+            msg = p.SessionOpen(session_id=s.id, kind=s.kind, relay_url=relay_url,  # type: ignore[arg-type]
+                                token=device_token, user=s.user_name, params=s.params)
+            await ctx.bus.publish(f"device.{s.device_id}.session", msgspec.json.encode(msg))
+            try:
+                device_ws = await asyncio.wait_for(asyncio.shield(waiting.device), DEVICE_CONNECT_TIMEOUT)
+            except _Refused as e:
+                await self._fail(ws, s, "refused", f"the device refused: {e}")
+                return
+            except TimeoutError:
+                await self._fail(ws, s, "refused", "the device did not connect its end of the session in time")
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            self.live[s.id] = task
+            try:
+                await self._relay(ws, device_ws, s)
+            finally:
+                self.live.pop(s.id, None)
+        finally:
+            self.pending.pop(s.id, None)
+            waiting.done.set()
+
+    async def _claim(self, session_id: str, token: str, who: Principal | None) -> RemoteSession | None:
+        """Use the operator's token, once: refused (and audited) when it is unknown, used, expired,
+        or presented by someone else than the user it was issued to."""
+        ctx = self.ctx
+        now = time.time()
+        async with ctx.writer() as db:
+            s = await db.get(RemoteSession, session_id[:32])
+            why = ""
+            if s is None or not hmac.compare_digest(s.token_hash, digest(token)):
+                why = "unknown session or wrong token"
+            elif s.status != "pending":
+                why = "the token was already used"
+            elif s.expires_at < now:
+                why = "the token expired"
+            elif who is None or who.user_id != s.user_id:
+                why = "the token was issued to another user"
+            elif not who.may_access_devices:
+                why = f"{who.name} does not have the remote-access permission"
+            if why:
+                await ctx.audit(db, who.name if who else "anonymous", "session.refused",
+                                s.device_id if s else "", {"session": session_id[:32], "reason": why})
+                log.warning("session %s refused: %s", session_id[:32], why)
+                return None
+            assert s is not None
+            result = await db.execute(update(RemoteSession).where(RemoteSession.id == s.id,
+                                                                  RemoteSession.status == "pending")
+                                      .values(status="connecting", replica=ctx.config.replica_id))
+            if result.rowcount != 1:  # type: ignore[attr-defined]  # a concurrent use of the same token
+                return None
+        return s
+
+    async def _fail(self, ws: WebSocket, s: RemoteSession, status: str, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await ws.send_text(json.dumps({"type": "error", "message": reason}))
+            await ws.close(CLOSE_REFUSED, reason[:120])
+        await self._finish(s, status, reason, 0, 0, None)
+
+    async def _finish(self, s: RemoteSession, status: str, reason: str, to_device: int, from_device: int,
+                      recording: str | None) -> None:
+        ctx = self.ctx
+        now = time.time()
+        async with ctx.writer() as db:
+            await db.execute(update(RemoteSession).where(RemoteSession.id == s.id).values(
+                status=status, reason=reason[:2000], closed_at=now, bytes_to_device=to_device,
+                bytes_from_device=from_device, recording=recording))
+            await ctx.audit(db, f"user:{s.user_name}", "session.close", s.device_id,
+                            {"session": s.id, "kind": s.kind, "status": status, "reason": reason[:200],
+                             "bytes_to_device": to_device, "bytes_from_device": from_device,
+                             "seconds": round(now - s.created_at, 3)})
+
+    async def _relay(self, op: WebSocket, dev: WebSocket, s: RemoteSession) -> None:
+        ctx = self.ctx
+        now = time.time()
+        async with ctx.writer() as db:
+            await db.execute(update(RemoteSession).where(RemoteSession.id == s.id)
+                             .values(status="open", opened_at=now))
+        cast: Asciicast | None = None
+        recording = None
+        out = None
+        if s.kind == "terminal":
+            folder = recordings_dir(ctx)
+            folder.mkdir(parents=True, exist_ok=True)
+            recording = f"{s.id}.cast"
+            out = (folder / recording).open("w", encoding="utf-8")
+            cast = Asciicast(out, int(s.params.get("cols", 80)), int(s.params.get("rows", 24)), now,
+                             title=f"{s.user_name} on {s.device_id}")
+            cast.header()
+        counts = {"to": 0, "from": 0}
+        status, reason = "closed", ""
+
+        async def pump(src: WebSocket, dst: WebSocket, key: str) -> str:
+            while True:
+                message = await src.receive()
+                if message["type"] == "websocket.disconnect":
+                    return "the device closed the session" if key == "from" else "the operator closed the session"
+                data = message.get("bytes")
+                text = message.get("text")
+                size = len(data) if data is not None else len((text or "").encode())
+                if size > MAX_FRAME:
+                    raise _TooBig(f"a message of {size} bytes (the limit is {MAX_FRAME})")
+                counts[key] += size
+                if data is not None:
+                    await dst.send_bytes(data)
+                    if cast is not None and key == "from":
+                        cast.output(time.time(), data)
+                elif text is not None:
+                    await dst.send_text(text)
+                    if cast is not None and key == "to":
+                        _record_control(cast, text)
+
+        tasks = [asyncio.create_task(pump(op, dev, "to")), asyncio.create_task(pump(dev, op, "from"))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            first = done.pop()
+            exc = first.exception()
+            if isinstance(exc, _TooBig):
+                status, reason = "closed", str(exc)
+                for w in (op, dev):
+                    with contextlib.suppress(Exception):
+                        await w.close(CLOSE_TOO_BIG, "message too big")
+            elif exc is not None and not isinstance(exc, (WebSocketDisconnect, RuntimeError)):
+                reason = f"relay error: {exc}"
+            else:
+                reason = first.result() if exc is None else "disconnected"
+                if first is tasks[1]:  # the device went away: the operator is told, clearly
+                    with contextlib.suppress(Exception):
+                        await op.send_text(json.dumps({"type": "error", "message": reason}))
+        except asyncio.CancelledError:
+            status, reason = "ended", "ended by an administrator"
+            with contextlib.suppress(Exception):
+                await op.send_text(json.dumps({"type": "error", "message": reason}))
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for w in (op, dev):
+                with contextlib.suppress(Exception):
+                    await w.close()
+            if out is not None:
+                out.close()
+            await asyncio.shield(self._finish(s, status, reason, counts["to"], counts["from"], recording))
+
+    # --- the device's side ---
+
+    async def device(self, ws: WebSocket, session_id: str) -> None:
+        """The device's WebSocket for ``session_id`` (not accepted yet): its token must be the
+        one sent in ``session_open``; then it is handed to the waiting operator."""
+        token = ws.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        waiting = self.pending.get(session_id)
+        ok = False
+        if waiting is not None and token:
+            async with self.ctx.reader() as db:
+                s = await db.get(RemoteSession, session_id)
+            ok = s is not None and s.status == "connecting" and s.device_token_hash is not None \
+                and hmac.compare_digest(s.device_token_hash, digest(token))
+        if not ok or waiting is None or waiting.device.done():
+            await ws.close(CLOSE_UNAUTHORIZED)
+            return
+        offered = ws.scope.get("subprotocols") or []
+        await ws.accept(subprotocol=SESSION_SUBPROTOCOL if SESSION_SUBPROTOCOL in offered else None)
+        waiting.device.set_result(ws)
+        await waiting.done.wait()  # the operator's side relays; this keeps the socket's ASGI call alive
+
+
+def _record_control(cast: Asciicast, text: str) -> None:
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        doc = json.loads(text)
+        if doc.get("type") == "resize":
+            cast.resize(time.time(), int(doc["cols"]), int(doc["rows"]))
+
+
+class _Refused(Exception):
+    pass
+
+
+class _TooBig(Exception):
+    pass
+
+
+async def end(ctx: ServerContext, who: Principal, session_id: str, request_id: str) -> RemoteSession:
+    """An admin ends a live session, wherever it is relayed."""
+    async with ctx.reader() as db:
+        s = await db.get(RemoteSession, session_id)
+    if s is None:
+        raise NotFound(f"no session {session_id!r}")
+    if s.status not in ("pending", "connecting", "open"):
+        raise Conflict(f"session {session_id} is {s.status}")
+    async with ctx.writer() as db:
+        if s.status == "pending":  # its token was never used: it cannot be any more
+            await db.execute(update(RemoteSession).where(RemoteSession.id == s.id)
+                             .values(status="ended", reason="ended by an administrator", closed_at=time.time()))
+        await ctx.audit(db, who, "session.end", s.device_id, {"session": s.id}, request_id)
+    await ctx.bus.publish(f"session.{s.id}.end", b"")
+    return s
+
+
+async def recent(ctx: ServerContext, live_only: bool, limit: int) -> list[RemoteSession]:
+    stmt = select(RemoteSession).order_by(RemoteSession.created_at.desc()).limit(limit)
+    if live_only:
+        stmt = stmt.where(RemoteSession.status.in_(["pending", "connecting", "open"]))
+    async with ctx.reader() as db:
+        return list((await db.scalars(stmt)).all())
