@@ -48,7 +48,7 @@ def _server_config(data_dir: Path, db: str | None, bind: str = "127.0.0.1:8080",
                    heartbeat: float | None = None, allow_pending: bool = True,
                    max_handshakes: int | None = None, rollup_interval: float | None = None,
                    alert_interval: float | None = None, artifact_dir: Path | None = None,
-                   max_artifact_bytes: int | None = None) -> Any:
+                   max_artifact_bytes: int | None = None, session_token_ttl: float | None = None) -> Any:
     from corral.server.config import Limits, Monitoring, ServerConfig, Timeouts, Updates
     from corral.server.main import saved_db_url
 
@@ -58,6 +58,10 @@ def _server_config(data_dir: Path, db: str | None, bind: str = "127.0.0.1:8080",
         if heartbeat <= 0:
             raise InvalidInput("--heartbeat-interval must be positive")
         timeouts = Timeouts(heartbeat_interval=heartbeat, presence_flush=min(timeouts.presence_flush, heartbeat))
+    if session_token_ttl is not None:
+        if session_token_ttl <= 0:
+            raise InvalidInput("--session-token-ttl must be positive")
+        timeouts = dataclasses.replace(timeouts, session_token_ttl=session_token_ttl)
     limits = Limits(max_concurrent_handshakes=max_handshakes) if max_handshakes else Limits()
     monitoring = Monitoring()
     for flag, value in (("--rollup-interval", rollup_interval), ("--alert-interval", alert_interval)):
@@ -90,6 +94,8 @@ def server(
     artifact_dir: Annotated[Path | None, typer.Option(
         "--artifact-dir", help="where artifacts are stored (DATA_DIR/artifacts; shared by replicas)")] = None,
     max_artifact_bytes: Annotated[int | None, typer.Option(min=1, help="largest artifact upload (4 GiB)")] = None,
+    session_token_ttl: Annotated[float | None, typer.Option(
+        help="seconds a remote-access session's token is valid (60)")] = None,
 ) -> None:
     """Initialize the data dir if needed, then run the server."""
     if ctx.invoked_subcommand is not None:
@@ -97,7 +103,7 @@ def server(
     from corral.server.main import init, serve
 
     cfg = _server_config(data_dir, db, bind, bus, heartbeat_interval, allow_pending, max_handshakes,
-                         rollup_interval, alert_interval, artifact_dir, max_artifact_bytes)
+                         rollup_interval, alert_interval, artifact_dir, max_artifact_bytes, session_token_ttl)
     creds = init(cfg)
     if creds is not None:
         sys.stderr.write(

@@ -39,6 +39,8 @@ class Timeouts:
     command_default_ttl: float = 3600.0  # a queued command for an offline device expires after this
     command_wait_max: float = 60.0  # the longest a REST caller may wait for a command result
     decommission_close: float = 5.0  # the live session of a decommissioned device closes within this
+    session_token_ttl: float = 60.0  # a remote-access session's single-use token is valid this long
+    session_device_connect: float = 15.0  # the device must connect its end of a session within this
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,6 @@ from corral.server.store.models import Device, RemoteSession
 log = logging.getLogger(__name__)
 
 KINDS = ("terminal", "forward", "upload", "download")
-TOKEN_TTL = 60.0
-DEVICE_CONNECT_TIMEOUT = 15.0
 #: the largest relayed message, either way (a larger one closes the session with 1009)
 MAX_FRAME = 256 * 1024
 DEVICE_RELAY_PATH = "/device/v1/sessions/"
@@ -112,7 +110,8 @@ async def create(ctx: ServerContext, who: Principal, device_id: str, kind: str, 
         if not device.online:
             raise Conflict(f"device {device_id} is offline")
         s = RemoteSession(id=secrets.token_hex(8), device_id=device_id, user_id=who.user_id, user_name=who.name,
-                          kind=kind, params=checked, token_hash=digest(token), expires_at=now + TOKEN_TTL,
+                          kind=kind, params=checked, token_hash=digest(token),
+                          expires_at=now + ctx.config.timeouts.session_token_ttl,
                           status="pending", reason="", replica=ctx.config.replica_id, created_at=now,
                           bytes_to_device=0, bytes_from_device=0)
         db.add(s)
@@ -178,7 +177,8 @@ class Relay:
                                 token=device_token, user=s.user_name, params=s.params)
             await ctx.bus.publish(f"device.{s.device_id}.session", msgspec.json.encode(msg))
             try:
-                device_ws = await asyncio.wait_for(asyncio.shield(waiting.device), DEVICE_CONNECT_TIMEOUT)
+                device_ws = await asyncio.wait_for(asyncio.shield(waiting.device),
+                                                   ctx.config.timeouts.session_device_connect)
             except _Refused as e:
                 await self._fail(ws, s, "refused", f"the device refused: {e}")
                 return

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from corral.core.remote import read_asciicast
-from tests.conftest import AgentProc, ServerProc, corral_cmd, free_port, start_agent, wait_until
+from tests.conftest import AgentProc, ServerProc, corral_cmd, free_port, start_agent, start_server, wait_until
 
 Device = tuple[AgentProc, str, Path]
 
@@ -248,3 +249,29 @@ def test_the_device_refuses_what_it_does_not_allow_and_endings_are_told_clearly(
     r = s.api("POST", f"/devices/{dev}/sessions", json={"kind": "terminal"})
     assert r.status_code == 409 and "offline" in r.text
     assert agents
+
+
+def test_an_expired_token_is_refused_and_audited(tmp_path: Path, agents: list[AgentProc]) -> None:
+    s = start_server(tmp_path / "s", extra=["--session-token-ttl", "0.5"])
+    try:
+        agent = start_agent(s, tmp_path / "agent", s.create_enrollment_token(), "--config", str(_plain(tmp_path)))
+        agents.append(agent)
+        dev = agent.wait_device_id()
+        wait_until(lambda: s.api("GET", f"/devices/{dev}").json().get("online"), what="the agent online")
+        doc, url = open_ws(s, dev, "terminal", {})
+        time.sleep(1.0)  # past the token's half second
+        with ws_connect(s, url) as ws, pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        refused = [e["detail"] for e in audit_actions(s) if e["action"] == "session.refused"]
+        assert refused == [{"session": doc["id"], "reason": "the token expired"}]
+        session = s.api("GET", "/sessions").json()[0]
+        assert (session["status"], session["bytes_to_device"], session["bytes_from_device"]) == ("pending", 0, 0)
+    finally:
+        s.stop()
+
+
+def _plain(tmp: Path) -> Path:
+    config = tmp / "plain.toml"
+    config.write_text("[telemetry]\nenabled = false\n")
+    return config
