@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from bench import agent, connections, delta, download, downtime, ingest, registry
+from bench import agent, connections, delta, download, downtime, ingest, registry, rollout
 from bench.common import BENCH_ORDER, ROOT, finish, print_result, write_docs
 
 
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", choices=BENCH_ORDER, action="append", help="run just this benchmark (repeatable)")
     ap.add_argument("--devices", type=int, help="connections: agents (default 10,000)")
     ap.add_argument("--registry-devices", type=int, help="registry: devices (default 100,000)")
+    ap.add_argument("--rollout-devices", type=int, help="rollout: devices of the rollout (default 10,000)")
     a = ap.parse_args(argv)
     chosen = a.only or list(BENCH_ORDER)
     t0 = time.perf_counter()
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
                 result = downtime.main_result(args)
             elif name == "delta":
                 result = delta.main_result(args)
+            elif name == "rollout":
+                if a.rollout_devices:
+                    args += ["--devices", str(a.rollout_devices)]
+                result = rollout.main_result(args)
             else:
                 result = agent.main_result(args)
         except Exception as exc:  # one failing benchmark must not hide the others' figures

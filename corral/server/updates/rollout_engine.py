@@ -167,7 +167,11 @@ class RolloutEngine:
         tag, tz = aliased(DeviceTag), aliased(DeviceTag)
         per_tag = spec.pacing.per_tag or ""
         windows = bool(spec.pacing.windows)
-        cols: list[Any] = [RolloutDevice, dd.status, dd.reason, dd.attempt, rv.status, rv.reason, tag.value, tz.value]
+        # columns, not RolloutDevice entities: the step only reads them (entities took 3× as long at 10,000)
+        cols: list[Any] = [RolloutDevice.device_id, RolloutDevice.wave, RolloutDevice.state, RolloutDevice.attempt,
+                           RolloutDevice.not_before, RolloutDevice.started_at, RolloutDevice.finished_at,
+                           RolloutDevice.reason, dd.status, dd.reason, dd.attempt, rv.status, rv.reason, tag.value,
+                           tz.value]
         stmt = (select(*cols, Device.inventory if windows else Device.id)
                 .join(Device, Device.id == RolloutDevice.device_id)
                 .outerjoin(dd, and_(dd.deployment_id == r.deployment_id, dd.device_id == RolloutDevice.device_id))
@@ -177,19 +181,20 @@ class RolloutEngine:
                 .outerjoin(tz, and_(tz.device_id == RolloutDevice.device_id, tz.key == rollouts.TIMEZONE_TAG))
                 .where(RolloutDevice.rollout_id == r.id).order_by(RolloutDevice.position))
         rows: list[Any] = list((await db.execute(stmt)).all())
-        waiting = [row[0].device_id for row in rows if row[0].state in ("pending", "scheduled", "retry")]
-        eligible = {d for d, _ in await rollouts.matching_devices(db, r.selector, waiting)} if waiting else set()
+        eligible = await rollouts.waiting_still_selected(db, r) \
+            if any(row[2] in rollouts.WAITING for row in rows) else set()
         out = []
-        for rd, status, reason, attempt, rv_status, rv_reason, tag_value, tz_value, extra in rows:
-            if rd.state == "reverting":
+        for (device_id, wave, rd_state, rd_attempt, not_before, started_at, finished_at, rd_reason,
+             status, reason, attempt, rv_status, rv_reason, tag_value, tz_value, extra) in rows:
+            if rd_state == "reverting":
                 status, reason = rv_status, rv_reason or ""
-            elif attempt is not None and attempt != rd.attempt:
+            elif attempt is not None and attempt != rd_attempt:
                 status, reason = None, ""  # the row is an earlier attempt's
             zone = tz_value or (rollouts.device_timezone({}, extra) if windows else None)
             out.append(plan.DeviceState(
-                rd.device_id, rd.wave, rd.state, rd.attempt, rd.not_before, rd.started_at, rd.finished_at,
-                status, reason or rd.reason, tag_value, zone,
-                eligible=rd.state not in ("pending", "scheduled", "retry") or rd.device_id in eligible))
+                device_id, wave, rd_state, rd_attempt, not_before, started_at, finished_at,
+                status, reason or rd_reason, tag_value, zone,
+                eligible=rd_state not in rollouts.WAITING or device_id in eligible))
         return out
 
     async def _add_new_devices(self, db: AsyncSession, r: Rollout, art: Artifact, now: float) -> None:

@@ -153,13 +153,25 @@ def skip_reason(a: Artifact, inventory: Mapping[str, Any] | None) -> str:
     return ""
 
 
-async def matching_devices(db: AsyncSession, selector: str,
-                           within: Iterable[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(id, inventory) of the accepted devices ``selector`` matches (among ``within``)."""
+#: a rollout device's states before it is told (it must still be selected to be told)
+WAITING = ("pending", "scheduled", "retry")
+
+
+async def matching_devices(db: AsyncSession, selector: str) -> list[tuple[str, dict[str, Any]]]:
+    """(id, inventory) of the accepted devices ``selector`` matches."""
     stmt = select(Device.id, Device.inventory).where(Device.status == "accepted", to_sql(parse_selector(selector)))
-    if within is not None:
-        stmt = stmt.where(Device.id.in_(list(within)))
     return [(d, inv or {}) for d, inv in (await db.execute(stmt)).all()]
+
+
+async def waiting_still_selected(db: AsyncSession, r: Rollout) -> set[str]:
+    """The ids of ``r``'s devices not told yet (:data:`WAITING`) that are accepted and match its
+    selector now. Ids only, and the rollout's devices as a subquery: the engine asks at every
+    step, for up to every device of the rollout."""
+    waiting = select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == r.id,
+                                                     RolloutDevice.state.in_(WAITING))
+    stmt = select(Device.id).where(Device.status == "accepted", to_sql(parse_selector(r.selector)),
+                                   Device.id.in_(waiting))
+    return set((await db.scalars(stmt)).all())
 
 
 async def create(ctx: ServerContext, who: Principal, req: Request, request_id: str) -> str:
