@@ -62,7 +62,8 @@ class Created(BaseModel):
 def view(d: Deployment, a: Artifact, counts: dict[str, int],
          rows: list[DeploymentDevice] | None = None) -> DeploymentOut:
     return DeploymentOut(
-        id=d.id, artifact=f"{a.name}@{a.version}", kind=a.kind, status=d.status, counts=counts,
+        id=d.id, artifact=f"{a.name}@{a.version}", kind=a.kind,
+        status=deployments.summarise_counts(counts) if counts else d.status, counts=counts,
         created_at=iso(d.created_at), created_by=d.created_by, updated_at=iso(d.updated_at),
         devices=None if rows is None else [
             DeviceStatusOut(device_id=r.device_id, status=r.status, step=r.step, reason=r.reason, seq=r.seq,

@@ -460,10 +460,10 @@ class TufMetadata(Base):
 
 
 class Deployment(Base):
-    """An artifact deployed to a list of devices. ``status`` summarises the devices' statuses:
-    ``queued`` (none started), ``in-progress``, then ``succeeded`` (all) or ``failed`` (some
-    failed or rolled back). The TUF URLs are the ones the operator's request reached the server
-    by, and go to the devices as they are."""
+    """An artifact deployed to a list of devices. ``status`` is ``queued`` until a device reports,
+    then ``in-progress``; the summary the API shows (``succeeded`` when all did, ``failed`` when
+    some failed or rolled back) is computed from the devices' statuses when read. The TUF URLs
+    are the ones the operator's request reached the server by, and go to the devices as they are."""
 
     __tablename__ = "deployments"
 
