@@ -436,3 +436,15 @@ def test_random_walk_invariants(seed: int, n: int, retries: int, concurrent: int
     assert r.status in ("completed", "paused", "aborted")
     if r.status == "completed":
         assert all(x.state in ("succeeded", "failed") for x in devices)
+
+
+def test_the_order_is_seeded_and_puts_the_canary_devices_first() -> None:
+    from corral.server.updates.rollouts import order_devices
+
+    ids = [f"d{i:02d}" for i in range(20)]
+    a, b = order_devices(ids, 7, set()), order_devices(reversed(ids), 7, set())
+    assert a == b and sorted(a) == ids and a != ids  # the same order whatever the input order: reproducible
+    assert order_devices(ids, 8, set()) != a  # another seed, another order
+    canary = {"d05", "d17"}
+    first = order_devices(ids, 7, canary)
+    assert set(first[:2]) == canary and first[2:] == [d for d in a if d not in canary]
