@@ -140,6 +140,8 @@ class Relay:
         self.ctx = ctx
         self.pending: dict[str, _Pending] = {}
         self.live: dict[str, asyncio.Task[None]] = {}
+        #: sessions an admin ended (their cancellation is not the server stopping)
+        self.ending: set[str] = set()
 
     async def start(self) -> None:
         await self.ctx.bus.subscribe("session.*.refused", self._on_refused)
@@ -151,8 +153,10 @@ class Relay:
             waiting.device.set_exception(_Refused(data.decode("utf-8", "replace")))
 
     async def _on_end(self, subject: str, data: bytes) -> None:
-        task = self.live.get(subject.split(".")[1])
+        session_id = subject.split(".")[1]
+        task = self.live.get(session_id)
         if task is not None:
+            self.ending.add(session_id)
             task.cancel()
 
     # --- the operator's side ---
@@ -265,6 +269,7 @@ class Relay:
             cast.header()
         counts = {"to": 0, "from": 0}
         status, reason = "closed", ""
+        stopping = False
 
         async def pump(src: WebSocket, dst: WebSocket, key: str) -> str:
             while True:
@@ -304,7 +309,10 @@ class Relay:
                     with contextlib.suppress(Exception):
                         await op.send_text(json.dumps({"type": "error", "message": reason}))
         except asyncio.CancelledError:
-            status, reason = "ended", "ended by an administrator"
+            if s.id in self.ending:
+                status, reason = "ended", "ended by an administrator"
+            else:  # the server is stopping: say so, then let the cancellation through
+                reason, stopping = "the server is stopping", True
             with contextlib.suppress(Exception):
                 await op.send_text(json.dumps({"type": "error", "message": reason}))
         finally:
@@ -316,7 +324,10 @@ class Relay:
                     await w.close()
             if out is not None:
                 out.close()
+            self.ending.discard(s.id)
             await asyncio.shield(self._finish(s, status, reason, counts["to"], counts["from"], recording))
+        if stopping:
+            raise asyncio.CancelledError
 
     # --- the device's side ---
 
