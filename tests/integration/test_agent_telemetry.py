@@ -98,8 +98,11 @@ def test_outage_is_backfilled_with_original_timestamps_exactly_once(server: Serv
     assert len(truth) == len(set(truth)), "a seq was reused"
     stored, left = receipt_seqs(server, dev), spool_seqs(a)
     # every spooled batch is stored or still spooled (or both, when the agent stopped with its ack
-    # in flight), nothing else was stored, and each stored batch is one point, stored once
-    assert stored | left == set(truth), (len(truth), len(stored), len(left))
+    # in flight), and each stored batch is one point, stored once. Nothing else was stored but, at
+    # most, the batch being appended when the agent was told to stop: the append finishes in the
+    # spool's thread, the stop cancels the coroutine before it logs the seq (and a send may take it)
+    assert set(truth) <= stored | left, (len(truth), len(stored), len(left))
+    assert (stored | left) - set(truth) <= {max(truth) + 1}, sorted((stored | left) - set(truth))
     assert stored_count(server, dev) == len(stored)
     # the outage's points carry the time they were measured, not the time they arrived
     seconds = per_second(server, dev)
