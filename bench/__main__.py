@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from bench import agent, connections, delta, download, downtime, ingest, registry, rollout
+from bench import agent, connections, delta, download, downtime, ingest, registry, relay, rollout
 from bench.common import BENCH_ORDER, ROOT, finish, print_result, write_docs
 
 
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
                 if a.rollout_devices:
                     args += ["--devices", str(a.rollout_devices)]
                 result = rollout.main_result(args)
+            elif name == "relay":
+                result = relay.main_result(args)
             else:
                 result = agent.main_result(args)
         except Exception as exc:  # one failing benchmark must not hide the others' figures

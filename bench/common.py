@@ -42,7 +42,7 @@ DOCS_FILE = ROOT / "docs" / "benchmarks.md"
 PY = sys.executable
 
 #: the order sections appear in the docs
-BENCH_ORDER = ("connections", "registry", "ingest", "agent", "download", "delta", "downtime", "rollout")
+BENCH_ORDER = ("connections", "registry", "ingest", "agent", "download", "delta", "downtime", "rollout", "relay")
 
 
 # --- processes and limits -----------------------------------------------------------------
@@ -371,7 +371,7 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
         "(each section says when and with which parameters it ran). Every figure is measured",
         "beside a **reference measured in the same run on the same machine**, so the ratio",
         "(Corral ÷ reference) says what Corral's own layers cost, whatever the machine. The goals come",
-        "from the issues (foundation, monitoring, updates, rollouts).",
+        "from the issues (foundation, monitoring, updates, rollouts, remote access).",
         "",
         "_This file is rewritten by the benchmarks (`bench/common.py` renders it from",
         "`bench/results/*.json`); edit the code, not the file._",
@@ -433,6 +433,7 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
         ".venv/bin/python -m bench.agent --window 60",
         ".venv/bin/python -m bench.delta --size 256 --changed 2",
         ".venv/bin/python -m bench.rollout --devices 10000 --fail-devices 500",
+        ".venv/bin/python -m bench.relay --size 256 --idle 1000 --busy 100",
         "```",
         "",
         "Each run writes its raw figures (all percentiles, timings per phase) to",

@@ -336,12 +336,7 @@ class Relay:
         one sent in ``session_open``; then it is handed to the waiting operator."""
         token = ws.headers.get("authorization", "").removeprefix("Bearer ").strip()
         waiting = self.pending.get(session_id)
-        ok = False
-        if waiting is not None and token:
-            async with self.ctx.reader() as db:
-                s = await db.get(RemoteSession, session_id)
-            ok = s is not None and s.status == "connecting" and s.device_token_hash is not None \
-                and hmac.compare_digest(s.device_token_hash, digest(token))
+        ok = waiting is not None and bool(token) and await self._device_token_ok(session_id, token)
         if not ok or waiting is None or waiting.device.done():
             await ws.close(CLOSE_UNAUTHORIZED)
             return
@@ -349,6 +344,15 @@ class Relay:
         await ws.accept(subprotocol=SESSION_SUBPROTOCOL if SESSION_SUBPROTOCOL in offered else None)
         waiting.device.set_result(ws)
         await waiting.done.wait()  # the operator's side relays; this keeps the socket's ASGI call alive
+
+    async def _device_token_ok(self, session_id: str, token: str) -> bool:
+        """Whether ``token`` is the device's token of ``session_id``, which is connecting. (Its
+        own call: the session's row is not kept alive by the device's socket, which lives as
+        long as the session.)"""
+        async with self.ctx.reader() as db:
+            s = await db.get(RemoteSession, session_id)
+        return s is not None and s.status == "connecting" and s.device_token_hash is not None \
+            and hmac.compare_digest(s.device_token_hash, digest(token))
 
 
 def _record_control(cast: Asciicast, text: str) -> None:
