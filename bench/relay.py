@@ -8,15 +8,16 @@ loopback, and a target process (uvloop) on the same loopback that the device for
 
 1. **Throughput.** A forward session driven directly over the operator's WebSocket (the
    ``websockets`` client, in the CLI's 32 KiB messages; no CLI process, no local socket in front
-   of it), twice: connected exactly as ``corral forward`` connects it (it offers
-   permessage-deflate, and the server accepts it), and without compression. ``--size`` MiB to the
+   of it), twice: offering permessage-deflate (as browsers do, and as ``corral forward`` did
+   until commit a4dbde0; the server accepts it), and without compression (as ``corral forward``
+   connects now). ``--size`` MiB to the
    sink (operator → device → target: from the session's request to the sink's count), and from
    the source (target → device → operator: to the device's ``eof``), ``--rounds`` times each,
    the median; the session's opening is inside the time (tens of ms of seconds).
    **References**, interleaved round by round, the same client code on a socket: a direct TCP
    connection to the same sink and source, and ``socat`` relaying TCP → TCP to them (one C relay
    hop; skipped, and said so, when ``socat`` is not installed).
-2. **Keystroke echo.** A terminal session; ``stty raw -echo; exec cat`` in the shell, then
+2. **Keystroke echo.** A terminal session (permessage-deflate offered); ``stty raw -echo; exec cat`` in the shell, then
    ``--keys`` keystrokes, one byte each, each timed from the send to its echo (``cat`` writes it
    back on the PTY), 5 ms apart. **Reference**: the same on a local PTY (``/bin/sh``, the same
    command) read and written by the benchmark directly, in alternating halves. The figure is the
@@ -25,7 +26,7 @@ loopback, and a target process (uvloop) on the same loopback that the device for
    checked with one byte echoed, then left idle; the growth of the resident memory (RSS) of the
    server and of the agent ÷ the sessions, after both are quiet, beside a warm-up of 10 sessions
    opened and closed first (so that what is loaded once is not counted per session). Without
-   compression first, then as the CLI connects on a restarted server (a fresh process: the
+   compression first, then with permessage-deflate on a restarted server (a fresh process: the
    first round's freed memory would be reused). **Reference**: a bare uvicorn with the server's
    settings (``--role floor``) holding the same two WebSockets per session (the operator's as
    the client connects, the device's uncompressed).
@@ -33,8 +34,8 @@ loopback, and a target process (uvloop) on the same loopback that the device for
    ``bench.ingest``'s timed client) reporting telemetry every 0.1 s; the p99 of their send →
    ``telemetry_ack`` over a ``--window`` without sessions, then the same window while
    ``--busy`` forward sessions on the first agent each push data to the echo target (and read it
-   back) as fast as they can (a separate process drives them; as the CLI connects, then without
-   compression), then with each session limited to ``--busy-rate`` KB/s, then without sessions
+   back) as fast as they can (a separate process drives them; with permessage-deflate, then
+   without compression), then with each session limited to ``--busy-rate`` KB/s, then without sessions
    again.
 
 Run alone: ``python -m bench.relay [--size 256] [--rounds 3] [--keys 1000] [--idle 1000]
@@ -188,7 +189,7 @@ class Operator:
             raise RuntimeError(f"POST sessions: {r.status_code} {r.text}")
         doc = r.json()
         url = self.url.replace("http", "ws", 1) + doc["ws_path"] + "?token=" + doc["token"]
-        # as corral.cli.remote._connect connects (its compression default included)
+        # as corral.cli.remote._connect connects, but for the compression (``compression``)
         return await connect(url, additional_headers={"Authorization": f"Bearer {self.token}"}, max_size=1 << 20,
                              open_timeout=20, ping_interval=20, ping_timeout=20, compression=self.compression)
 
@@ -733,7 +734,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                                 "local_pty": summarize_ms(local_keys)}
                 print(f"relay: keystroke echo p99 {percentile(corral_keys, 99) * 1000:.2f} ms "
                       f"(local PTY {percentile(local_keys, 99) * 1000:.2f} ms)", flush=True)
-                # 3. idle sessions: without compression, then (a fresh server) as the CLI connects
+                # 3. idle sessions: without compression, then (a fresh server) with permessage-deflate
                 details["idle"] = {"plain": await idle_sessions(op, None, True)}
             finally:
                 await op.close()
@@ -825,8 +826,8 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
     notes: list[str] = result["notes"]
     for way, label in (("up", "operator → device's target"), ("down", "device's target → operator")):
         tcp = _mbs(size, runs[f"tcp_{way}"])
-        for key, how in (("corral", "as `corral forward` connects (permessage-deflate)"),
-                         ("plain", "operator's WebSocket without compression")):
+        for key, how in (("corral", "operator's WebSocket with permessage-deflate"),
+                         ("plain", "without compression, as `corral forward` connects")):
             mbs = _mbs(size, runs[f"{key}_{way}"])
             figs.append(Figure(f"forward throughput, {label}, {how}", mbs, "MB/s", reference=tcp,
                                goal=f"≥ {GOAL_MBS:.0f} MB/s", met=mbs is not None and mbs >= GOAL_MBS, better="higher",
@@ -835,7 +836,7 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
             socat = _mbs(size, runs[f"socat_{way}"])
             figs.append(Figure(f"socat TCP relay, {label}", socat, "MB/s", reference=tcp, better="higher",
                                note="reference: direct TCP"))
-            for key, how in (("corral", "as the CLI connects"), ("plain", "without compression")):
+            for key, how in (("corral", "with permessage-deflate"), ("plain", "without compression")):
                 mbs = _mbs(size, runs[f"{key}_{way}"])
                 if mbs and socat:
                     notes.append(f"forward {label}, {how}: {mbs / socat:.2f}× socat's throughput "
@@ -854,7 +855,8 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
         m = idle[mode]
         return float((m["rss_after"][proc] - m["rss_before"][proc]) / a.idle / 1000)
 
-    for mode, how in (("deflate", "as the CLI connects (permessage-deflate)"), ("plain", "without compression")):
+    for mode, how in (("deflate", "operator's WebSocket with permessage-deflate"),
+                      ("plain", "without compression, as the CLI connects")):
         kb = per_session(mode, "server")
         figs.append(Figure(f"memory per idle session, server, {how}", kb, "KB",
                            reference=idle[mode]["floor_bytes_per_session"] / 1000,
@@ -868,9 +870,9 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
                        note="POST → WebSocket → device connected → first byte echoed, 16 at a time"))
     t = d["telemetry"]
     base = t["idle"]["ack_ms"].get("p99")
-    for name, label in (("busy", f"{a.busy} sessions busy at full speed, as the CLI connects"),
-                        ("busy_plain", f"{a.busy} sessions busy at full speed, without compression"),
-                        ("busy_rate", f"{a.busy} sessions at {a.busy_rate:g} KB/s each, as the CLI connects")):
+    for name, label in (("busy", f"{a.busy} sessions busy at full speed, with permessage-deflate"),
+                        ("busy_plain", f"{a.busy} sessions busy at full speed, without compression (as the CLI)"),
+                        ("busy_rate", f"{a.busy} sessions at {a.busy_rate:g} KB/s each, with permessage-deflate")):
         p99 = t[name]["ack_ms"].get("p99")
         figs.append(Figure(f"other devices' telemetry ack p99, {label}", p99, "ms", reference=base,
                            goal=f"≤ {GOAL_TELEMETRY_RATIO:g}× without sessions",
@@ -882,17 +884,18 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
               if (cli := _mbs(size, runs[f"corral_{way}"])) and (plain := _mbs(size, runs[f"plain_{way}"]))
               and cli < plain / 2]
     if capped:
-        notes.append(f"Compression caps the forward (as the CLI connects vs without: {'; '.join(capped)}): the CLI's "
-                     "`websockets` client offers permessage-deflate and the server's uvicorn accepts it, so every "
-                     "relayed byte is deflated on the operator's leg (by the client going to the device, by the "
-                     "server coming from it: py-spy on the server relaying to such an operator, 2026-11-30, found "
-                     "86 % of its time in websockets' `PerMessageDeflate.encode`). Forwarded bytes are mostly "
-                     "compressed or encrypted already; `compression=None` in `corral/cli/remote.py` or "
-                     "`ws_per_message_deflate=False` in `corral/server/main.py` would remove it.")
+        notes.append(f"Compression caps the forward (with permessage-deflate vs without: {'; '.join(capped)}): the "
+                     "server's uvicorn accepts permessage-deflate from any operator client that offers it (browsers "
+                     "do; the CLI did until commit a4dbde0), and then every relayed byte is deflated on the "
+                     "operator's leg (by the client going to the device, by the server coming from it: py-spy on "
+                     "the server relaying to such an operator, 2026-11-30, found 86 % of its time in websockets' "
+                     "`PerMessageDeflate.encode`). Forwarded bytes are mostly compressed or encrypted already; "
+                     "`ws_per_message_deflate=False` in `corral/server/main.py` (or for the session route alone) "
+                     "would remove it for every client.")
     for mode in ("plain", "deflate"):
         kb, floor = per_session(mode, "server"), idle[mode]["floor_bytes_per_session"] / 1000
         if floor >= GOAL_KB_PER_SESSION:
-            notes.append(f"Server memory ({'without compression' if mode == 'plain' else 'as the CLI connects'}): "
+            notes.append(f"Server memory ({'without compression' if mode == 'plain' else 'with permessage-deflate'}): "
                          f"a bare uvicorn holding the same two WebSockets per session already costs {floor:.0f} KB "
                          f"a session, so the 20 KB goal is below this WebSocket stack's floor; Corral adds "
                          f"{kb - floor:.0f} KB (the operator's socket goes through FastAPI's routing and middleware, "
@@ -904,28 +907,32 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
         if w["batches"] < base_n / 2:
             notes.append(f"Telemetry during `{name}`: only {w['batches']} batches were acked in the window (against "
                          f"{base_n} without sessions): the other devices' telemetry stalls while the relay is busy, "
-                         "and is acked once the sessions end.")
+                         "and is acked once the sessions end. (Seen 2026-11-30: py-spy found the server's event loop "
+                         "busy relaying, with no telemetry work at all and its database threads idle, during the "
+                         "stall; neither yielding to the loop after each relayed message nor a 0.2 ms GIL switch "
+                         "interval changed it. Cause not found yet.)")
     result["method"] = (
         "One `corral server` (SQLite) and one real `corral agent` on loopback; the forward targets (a sink that "
         "answers with the byte count at EOF, a source, an echo) in a uvloop process of their own on the same "
         "loopback. **Throughput**: a forward session driven directly over the operator's WebSocket (the "
-        "`websockets` client, 32 KiB messages, no CLI process): once connected as `corral forward` connects it "
-        "(it offers permessage-deflate, which the server accepts), once without compression; "
+        "`websockets` client, 32 KiB messages, no CLI process): once offering permessage-deflate (as browsers "
+        "do, and the CLI did until commit a4dbde0; the server accepts it), once without compression (as "
+        "`corral forward` connects now); "
         f"{a.size} MiB to the sink and from the source, the session's opening included; references interleaved "
         "round by round with the same client code on a socket: a direct TCP connection to the same targets, and "
-        "`socat` relaying TCP → TCP (one C hop). **Keystroke echo**: a terminal session (as the CLI connects) "
+        "`socat` relaying TCP → TCP (one C hop). **Keystroke echo**: a terminal session (permessage-deflate) "
         f"running `stty raw -echo; exec cat`, {a.keys} one-byte keystrokes 5 ms apart, each timed from the send "
         "to its echo; reference: the same command on a local PTY driven by the benchmark, in alternating halves. "
         f"**Idle sessions**: {a.idle} forward sessions to the echo target opened 16 at a time, each checked with "
         "one echoed byte, then idle; the RSS growth of the server and of the agent ÷ the sessions once both are "
         "quiet (after 10 warm-up sessions opened and closed): first without compression, then, on a freshly "
-        "restarted server (freed memory would otherwise be reused), as the CLI connects. Reference: a bare "
+        "restarted server (freed memory would otherwise be reused), with permessage-deflate. Reference: a bare "
         "uvicorn (the server's settings, a plain ASGI app) holding the same two WebSockets per session. The 20 KB "
         "goal is held to the server and to the agent, each on its own. "
         f"**Telemetry**: {a.telemetry_devices} more devices (real agents in one process) reporting every "
         f"{TELEMETRY_INTERVAL:g} s; the p99 of send → `telemetry_ack` over {a.window:g} s without sessions, then "
         f"with {a.busy} forward sessions on the first agent each pushing 32 KiB messages to the echo target and "
-        f"reading them back (as fast as they can, as the CLI connects and without compression; then at "
+        f"reading them back (as fast as they can, with permessage-deflate and without compression; then at "
         f"{a.busy_rate:g} KB/s each), driven by a separate process. All on one machine: the load generator, the "
         "target, the server, both agents and the benchmark share its CPUs.")
 
