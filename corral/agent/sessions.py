@@ -83,8 +83,11 @@ async def run_session(config: AgentConfig, msg: protocol.SessionOpen, refuse: Re
         await refuse(why)
         return
     log.info("session %s: %s for %s", msg.session_id, msg.kind, msg.user or "an operator")
+    proxy = config.proxy
+    proxy_url = None if proxy == "none" else transport.proxy_from_environment(msg.relay_url) if proxy == "auto" \
+        else proxy  # the same way out as the control connection (a device behind a proxy)
     try:
-        async with transport.connect(msg.relay_url, subprotocol=SESSION_SUBPROTOCOL, proxy=None,
+        async with transport.connect(msg.relay_url, subprotocol=SESSION_SUBPROTOCOL, proxy=proxy_url,
                                      max_size=config.remote.chunk_bytes * 4 + 65536,
                                      open_timeout=config.connect_timeout,
                                      headers=[("Authorization", f"Bearer {msg.token}")]) as ws:
