@@ -98,7 +98,7 @@ def parse_wire_id(wire: str) -> tuple[str, int]:
 
 def summarise_counts(by_status: dict[str, int]) -> str:
     """:func:`summarise` from the number of devices per status."""
-    return summarise(s for s, n in by_status.items() for _ in range(min(n, 1)))
+    return summarise(s for s, n in by_status.items() if n)  # it reads which statuses occur, not how often
 
 
 def split_ref(ref: str) -> tuple[str, str]:

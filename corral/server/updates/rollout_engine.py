@@ -131,7 +131,7 @@ class RolloutEngine:
         health = await self._health_verdict(rollout_id, now)
         ctx = self.ctx
         async with ctx.writer() as db:
-            r = (await db.execute(select(Rollout).where(Rollout.id == rollout_id).with_for_update())).scalar_one()
+            r = await rollouts.locked(db, rollout_id)
             if not r.prepared or r.settled:
                 return None
             spec = rollouts.spec_from_doc(r.spec)

@@ -262,7 +262,9 @@ async def wave_progress(db: AsyncSession, r: Rollout) -> list[dict[str, Any]]:
 # --- operator actions ---------------------------------------------------------------------------------------
 
 
-async def _locked(db: AsyncSession, rollout_id: str) -> Rollout:
+async def locked(db: AsyncSession, rollout_id: str) -> Rollout:
+    """The rollout's row, locked for the transaction (``FOR UPDATE`` on PostgreSQL; SQLite has one
+    writer): an operator's action and the engine's step never interleave."""
     r = (await db.execute(select(Rollout).where(Rollout.id == rollout_id).with_for_update())).scalar_one_or_none()
     if r is None:
         raise NotFound(f"no rollout {rollout_id!r}")
@@ -284,7 +286,7 @@ async def act(ctx: ServerContext, who: Principal, rollout_id: str, action: str, 
     now = time.time()
     reverts: list[str] = []
     async with ctx.writer() as db:
-        r = await _locked(db, rollout_id)
+        r = await locked(db, rollout_id)
         before = state_of(r)
         allowed = {"pause": ("running",), "resume": ("paused",), "abort": ("running", "paused")}[action]
         if before.status not in allowed and not (action == "abort" and revert and before.status == "completed"):
