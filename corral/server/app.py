@@ -135,6 +135,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         enrollment,
         groups,
         monitoring,
+        proxy,
         rollouts,
         rules,
         sessions,
@@ -146,6 +147,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                    deployments, rollouts, sessions):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(tuf.device_router)  # the device surface's HTTP side: TUF metadata and targets
+    app.include_router(proxy.router)  # a device's web UI: /devices/ID/proxy/PORT/ (ADR 0018)
 
     @app.get("/healthz", tags=["server"])
     async def healthz() -> JSONResponse:
