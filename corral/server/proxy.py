@@ -100,10 +100,11 @@ _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "proxy-connection"})
 #: request headers never forwarded: the operator's credentials and the console's CSRF token, the
-#: browser's view of the origin (replaced by the target's), forwarding claims by the client
-DROP_REQUEST = frozenset({"host", "cookie", "authorization", "origin", "referer", "x-csrf-token", "forwarded",
-                          "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-prefix",
-                          "x-real-ip"})
+#: browser's view of the origin (replaced by the target's), ``Expect`` (the server answered the
+#: browser's ``100-continue`` already), forwarding claims by the client
+DROP_REQUEST = frozenset({"host", "cookie", "authorization", "origin", "referer", "x-csrf-token", "expect",
+                          "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+                          "x-forwarded-prefix", "x-real-ip"})
 #: response headers a device must not set on the console's host: cookies (kept on the server),
 #: credential prompts (a password dialog on the console's origin), HSTS, site-data wipes,
 #: service-worker scope, CORS and cross-origin isolation (the proxy sets its own)
@@ -894,6 +895,8 @@ async def websocket(ws: WebSocket, device_id: str, port: str, path: str) -> None
 
 async def _deny(ws: WebSocket, e: CorralError) -> None:
     status = 502 if isinstance(e, UpstreamFailed) else status_for(e)
+    # (uvicorn 0.54's sans-I/O WebSocket logs "returned without completing handshake" after a
+    # denial response it did send: the client gets the status and the reason all the same)
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(JSONResponse({"error": e.code, "detail": e.detail}, status_code=status))
     else:

@@ -13,7 +13,9 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,11 @@ def test_a_page_its_assets_a_post_a_download_and_redirects(server: ServerProc, d
             assert r.headers["access-control-allow-origin"] == "*"
         # kept alive: the page and its 20 assets took one session on the device
         assert len(forward_sessions(s)) - before == 1, forward_sessions(s)
+        # as a browser loads them, six at a time: at most six sessions in all
+        with ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(lambda a: httpx.get(f"{s.url}{prefix}/{a}", timeout=30).text, assets * 3))
+        assert texts == [f"// /{a}\n" for a in assets * 3]
+        assert len(forward_sessions(s)) - before <= 6, forward_sessions(s)
 
         # a form's POST, its body streamed through
         body = bytes(range(256)) * 2000
@@ -257,6 +264,16 @@ def test_the_operators_credentials_never_reach_the_device(server: ServerProc, de
         assert seen["host"] == f"localhost:{app.port}" and seen["origin"] == f"http://localhost:{app.port}"
         # the console's own cookie is still ours, untouched by the device
         assert c.cookies["corral_session"] == s.admin_token
+    # the page's address ends with the login that opened it
+    olga = s.make_user("olga", "operator")
+    assert s.api("PATCH", "/users/olga", json={"remote_access": True}).status_code == 200
+    with browser(s, olga) as c:
+        _, prefix = open_page(c, dev, app.port)
+        assert c.get(f"{prefix}/headers").status_code == 200
+        assert s.api("POST", "/auth/logout", token=olga).status_code == 204
+        time.sleep(5.5)  # what a replica may trust a token for without asking the database
+        r = httpx.get(f"{s.url}{prefix}/headers")
+        assert r.status_code == 401 and "log in again" in r.json()["detail"], r.text
     # with an API token (a script): served directly, and the token stays here too
     with httpx.Client(base_url=s.url, timeout=30, headers={"authorization": f"Bearer {s.admin_token}"}) as api:
         r = api.get(f"/devices/{dev}/proxy/{app.port}/headers?q=1")
