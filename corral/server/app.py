@@ -7,10 +7,9 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from starlette.types import Receive, Scope, Send
 
@@ -166,10 +165,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Prometheus exposition of the server's own figures (no per-device labels)."""
         return Response(metrics.render(), media_type=PROM_CONTENT_TYPE)
 
-    index = Path(__file__).resolve().parent.parent / "web" / "templates" / "index.html"
+    from corral.server import console
 
-    @app.get("/", include_in_schema=False)
-    async def home() -> HTMLResponse:
-        return HTMLResponse(index.read_text() if index.exists() else "<h1>Corral</h1>")
-
+    app.include_router(console.router)  # the web console: pages, its modules and the npm files it loads
     return app

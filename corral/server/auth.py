@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,36 @@ def token_digest(token: str) -> str:
 
 def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def csrf_token(session_token: str) -> str:
+    """The console session's CSRF token: derived from the session's secret, so every replica
+    computes the same one without storing it, and a page that shows it reveals nothing that
+    authenticates (nor the digest the database keeps, which is a plain SHA-256)."""
+    return hmac.new(session_token.encode(), b"corral console csrf", hashlib.sha256).hexdigest()
+
+
+def csrf_token_ok(session_token: str, presented: str | None) -> bool:
+    return bool(presented) and hmac.compare_digest(csrf_token(session_token), presented or "")
+
+
+def origin_allowed(origin: str | None, host: str | None, public_url: str) -> bool:
+    """Whether a browser's ``Origin`` is this server's own: the host it addressed (``Host``), or
+    the configured public URL's origin (behind a proxy that terminates TLS). A missing or
+    ``null`` origin is not ours."""
+    if not origin or origin == "null":
+        return False
+    scheme, sep, netloc = origin.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        return False
+    if host and netloc.lower() == host.lower():
+        return True
+    return origin.rstrip("/").lower() == public_origin(public_url)
+
+
+def public_origin(public_url: str) -> str:
+    scheme, _, rest = public_url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}".lower()
 
 
 def new_password() -> str:

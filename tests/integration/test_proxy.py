@@ -104,11 +104,11 @@ async def device_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 class DeviceApp:
-    """``device_app`` served by uvicorn on the loopback, in a thread of the test."""
+    """An ASGI app (``device_app``) served by uvicorn on the loopback, in a thread of the test."""
 
-    def __init__(self) -> None:
+    def __init__(self, app: Any = device_app) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(device_app, host="127.0.0.1", port=self.port,
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
         self.thread.start()

@@ -13,6 +13,8 @@ from corral.errors import Conflict, InvalidInput, NotFound
 from corral.server import auth
 from corral.server.api.deps import Admin, Ctx, Paging, Viewer, bearer_token, encode_cursor, rid
 from corral.server.api.views import iso
+from corral.server.auth import Principal
+from corral.server.context import ServerContext
 from corral.server.store.models import ApiToken, User
 
 router = APIRouter(tags=["operators"])
@@ -74,13 +76,29 @@ def user_view(u: User) -> UserOut:
                    created_at=iso(u.created_at))
 
 
+async def log_in(ctx: ServerContext, name: str, password: str, token_name: str, ttl: float | None,
+                 request_id: str) -> tuple[User, str, ApiToken]:
+    """Check a password and issue a token (the API's login and the console's), audited."""
+    async with ctx.writer() as db:
+        user = await auth.authenticate_password(db, name, password)
+        secret, row = await auth.issue_token(db, user, token_name, ttl)
+        await ctx.audit(db, f"user:{user.name}", "auth.login", user.name, {"token": row.id}, request_id)
+    return user, secret, row
+
+
+async def log_out(ctx: ServerContext, who: Principal, token: str | None, request_id: str) -> None:
+    """Revoke the token the caller presented (at once on this replica), audited."""
+    if token:
+        ctx.token_cache.pop(token, None)
+    async with ctx.writer() as db:
+        await db.execute(delete(ApiToken).where(ApiToken.id == who.token_id))
+        await ctx.audit(db, who, "auth.logout", who.name, {"token": who.token_id}, request_id)
+
+
 @router.post("/auth/login", response_model=TokenOut, summary="Exchange a user name and password for an API token")
 async def login(body: LoginIn, ctx: Ctx, request: Request) -> TokenOut:
     ttl = parse_duration(body.expires) if body.expires else None
-    async with ctx.writer() as db:
-        user = await auth.authenticate_password(db, body.user, body.password)
-        secret, row = await auth.issue_token(db, user, body.token_name, ttl)
-        await ctx.audit(db, f"user:{user.name}", "auth.login", user.name, {"token": row.id}, rid(request))
+    user, secret, row = await log_in(ctx, body.user, body.password, body.token_name, ttl, rid(request))
     return TokenOut(id=row.id, token=secret, name=row.name, user=user.name, role=user.role,
                     created_at=iso(row.created_at), expires_at=iso(row.expires_at))
 
@@ -92,12 +110,7 @@ async def whoami(who: Viewer) -> WhoAmI:
 
 @router.post("/auth/logout", status_code=204, summary="Revoke the presented token")
 async def logout(ctx: Ctx, who: Viewer, request: Request) -> Response:
-    token = bearer_token(request)
-    if token:
-        ctx.token_cache.pop(token, None)
-    async with ctx.writer() as db:
-        await db.execute(delete(ApiToken).where(ApiToken.id == who.token_id))
-        await ctx.audit(db, who, "auth.logout", who.name, {"token": who.token_id}, rid(request))
+    await log_out(ctx, who, bearer_token(request), rid(request))
     return Response(status_code=204)
 
 

@@ -1,4 +1,11 @@
-"""Request-scoped dependencies: the server context, the caller and their role, paging."""
+"""Request-scoped dependencies: the server context, the caller and their role, paging.
+
+A caller presents an API token (``Authorization: Bearer``) or the web console's session cookie.
+The cookie is sent by the browser on its own, so a request that carries only the cookie must
+also prove it comes from one of our pages (docs/adr/0017-web-console.md): a mutating request
+needs the session's CSRF token (``X-CSRF-Token`` or the form's ``csrf_token``), and a
+WebSocket needs this server's ``Origin``. Bearer-token calls are unaffected.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +20,14 @@ from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 
 from corral.errors import Forbidden, InvalidInput, Unauthorized
-from corral.server.auth import Principal, resolve_token, touch_statement
+from corral.server.auth import Principal, csrf_token_ok, origin_allowed, resolve_token, touch_statement
 from corral.server.context import ServerContext
 
 SESSION_COOKIE = "corral_session"
+CSRF_HEADER = "x-csrf-token"
+CSRF_FORM_FIELD = "csrf_token"
+#: methods that change nothing (RFC 9110 §9.2.1), so the cookie alone may call them
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 async def get_ctx(request: Request) -> ServerContext:
@@ -32,14 +43,40 @@ def ctx_of(request: Request) -> ServerContext:
 Ctx = Annotated[ServerContext, Depends(get_ctx)]
 
 
-def bearer_token(request: HTTPConnection) -> str | None:
+def presented_token(request: HTTPConnection) -> tuple[str | None, bool]:
+    """The caller's token and whether it came from the console's cookie (not a header)."""
     auth = request.headers.get("authorization", "")
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthorized("Authorization header must be 'Bearer <token>'")
-        return value.strip()
-    return request.cookies.get(SESSION_COOKIE)
+        return value.strip(), False
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return cookie, bool(cookie)
+
+
+def bearer_token(request: HTTPConnection) -> str | None:
+    return presented_token(request)[0]
+
+
+def check_cookie_request(request: HTTPConnection, session_token: str, public_url: str,
+                         csrf: str | None = None) -> None:
+    """Refuse what a cookie alone must not do: a cross-site WebSocket (hijacking), or a
+    mutating request without the session's CSRF token (``csrf`` is the form's, if any)."""
+    origin = request.headers.get("origin")
+    host = request.headers.get("host")
+    if request.scope["type"] == "websocket":
+        if not origin_allowed(origin, host, public_url):
+            raise Forbidden(f"a WebSocket authenticated by the console's cookie must come from this server's "
+                            f"pages, not from origin {origin or '(none)'}")
+        return
+    if request.scope["method"] in SAFE_METHODS:
+        return
+    if origin is not None and not origin_allowed(origin, host, public_url):
+        raise Forbidden(f"cross-site request refused (origin {origin})")
+    if not csrf_token_ok(session_token, csrf or request.headers.get(CSRF_HEADER)):
+        raise Forbidden("a request authenticated by the console's cookie needs the page's CSRF token "
+                        "(X-CSRF-Token header): reload the page")
 
 
 #: How long a resolved token is trusted without asking the database again. A revoked token, a
@@ -53,11 +90,14 @@ async def get_principal(request: Request, ctx: Ctx) -> Principal:
     return await principal_of(request, ctx)
 
 
-async def principal_of(request: HTTPConnection, ctx: ServerContext) -> Principal:
-    """The caller of a request or WebSocket: its bearer token, or the console's session cookie."""
-    token = bearer_token(request)
+async def principal_of(request: HTTPConnection, ctx: ServerContext, csrf: str | None = None) -> Principal:
+    """The caller of a request or WebSocket: its bearer token, or the console's session cookie
+    (checked by :func:`check_cookie_request`; ``csrf`` is a form's CSRF field)."""
+    token, from_cookie = presented_token(request)
     if not token:
         raise Unauthorized("an API token is required (Authorization: Bearer <token>)")
+    if from_cookie:
+        check_cookie_request(request, token, ctx.config.public_url, csrf)
     now = time.monotonic()
     cached = ctx.token_cache.get(token)
     if cached is not None and cached[0] > now:
