@@ -19,6 +19,7 @@ from corral.server.bus import make_bus
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
 from corral.server.groupcommit import GroupCommitter
+from corral.server.handover import CONN_KEY
 from corral.server.hub import Hub
 from corral.server.monitor import Monitor
 from corral.server.prom import CONTENT_TYPE as PROM_CONTENT_TYPE
@@ -51,6 +52,8 @@ class DeviceSurface:
         self.api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # for a remote-access session's hand-over to the relay worker
+            scope[CONN_KEY] = getattr(receive, "__self__", None)
         if scope["type"] == "websocket" and scope["path"] == DEVICE_PATH:
             ctx: ServerContext = self.api.state.ctx
             assert ctx.hub is not None
@@ -99,6 +102,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         try:
             yield
         finally:
+            await ctx.relay.stop()
             await ctx.rollouts.stop()
             await monitor.stop()
             await ctx.hub.stop()

@@ -166,6 +166,19 @@ class Rollouts:
 
 
 @dataclass(frozen=True)
+class RemoteAccess:
+    """The relay of remote-access sessions (``corral.server.relay_worker``, ADR 0016)."""
+
+    # The relay worker's niceness above the server's: when both want a core, devices' telemetry
+    # and the API go first and bulk bytes wait (0 to treat them alike).
+    relay_nice: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.relay_nice <= 19:
+            raise ValueError("remote relay_nice must be in 0..19")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path = Path("corral-data")
     host: str = "127.0.0.1"
@@ -182,6 +195,7 @@ class ServerConfig:
     monitoring: Monitoring = field(default_factory=Monitoring)
     updates: Updates = field(default_factory=Updates)
     rollouts: Rollouts = field(default_factory=Rollouts)
+    remote: RemoteAccess = field(default_factory=RemoteAccess)
 
     @property
     def artifact_dir(self) -> Path:

@@ -11,11 +11,17 @@ A session goes::
     device WS /device/v1/sessions/SID  (its token) → open: bytes relayed both ways
     either side closes, or an admin ends it → closed / ended (bytes counted, audited)
 
+The bytes are relayed by the relay worker, a child process (:mod:`corral.server.relay_worker`):
+once a socket's token is checked here, its connection is handed over before the WebSocket
+handshake (:mod:`corral.server.handover`), so that busy sessions never slow the event loop that
+serves devices' telemetry and the API. This process keeps each session's record, decides, audits,
+and hears from the worker how the session ended. Where a connection cannot be handed over (the
+device web-UI proxy's in-process end, another ASGI server), the session is relayed here instead.
+
 A token that is replayed, expired, for another device or presented by another user is refused
-before anything is relayed, and the refusal is audited. The relay holds one message per
-direction: it reads the next one only when the other side has taken the last (the WebSocket's
-send waits for the socket), so a slow side slows the fast one instead of filling memory.
-Terminal output is recorded in asciicast v2 under ``DATA_DIR/recordings/SID.cast``.
+before anything is relayed, and the refusal is audited. Either relay reads a side only while the
+other side's socket takes what it is given, so a slow side slows the fast one instead of filling
+memory. Terminal output is recorded in asciicast v2 under ``DATA_DIR/recordings/SID.cast``.
 """
 
 from __future__ import annotations
@@ -34,20 +40,21 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import select, update
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from corral import protocol as p
 from corral.core.remote import Asciicast
 from corral.errors import Conflict, Forbidden, InvalidInput, NotFound
+from corral.server import handover
 from corral.server.auth import Principal
 from corral.server.context import ServerContext
+from corral.server.relay_link import RelayLink
+from corral.server.relay_worker import MAX_FRAME
 from corral.server.store.models import Device, RemoteSession
 
 log = logging.getLogger(__name__)
 
 KINDS = ("terminal", "forward", "upload", "download")
-#: the largest relayed message, either way (a larger one closes the session with 1009)
-MAX_FRAME = 256 * 1024
 DEVICE_RELAY_PATH = "/device/v1/sessions/"
 #: the subprotocol of a device's end of a session
 SESSION_SUBPROTOCOL = "corral.session.v1"
@@ -129,8 +136,10 @@ def _audit_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _Pending:
-    device: asyncio.Future[WebSocket]
+    device: asyncio.Future[WebSocket | None]  # None: the device's end went to the relay worker
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the session is relayed by the worker (its operator's connection was handed over)
+    in_worker: bool = False
 
 
 class Relay:
@@ -142,10 +151,33 @@ class Relay:
         self.live: dict[str, asyncio.Task[None]] = {}
         #: sessions an admin ended (their cancellation is not the server stopping)
         self.ending: set[str] = set()
+        #: sessions in the relay worker, until it reports them closed
+        self.in_worker: dict[str, RemoteSession] = {}
+        self.worker = RelayLink(self._on_worker_report, self._on_worker_lost, ctx.config.remote.relay_nice)
 
     async def start(self) -> None:
+        await self.worker.start()
         await self.ctx.bus.subscribe("session.*.refused", self._on_refused)
         await self.ctx.bus.subscribe("session.*.end", self._on_end)
+
+    async def stop(self) -> None:
+        await self.worker.stop("the server is stopping")
+        await self._on_worker_lost("the server is stopping")  # any the worker did not report
+
+    async def _on_worker_report(self, doc: dict[str, Any]) -> None:
+        s = self.in_worker.pop(str(doc.get("sid")), None)
+        if s is None or doc.get("op") != "closed":
+            return
+        waiting = self.pending.get(s.id)
+        if waiting is not None and not waiting.device.done():  # it ended before its device came
+            waiting.device.set_exception(_Gone())
+        await self._finish(s, str(doc.get("status", "closed")), str(doc.get("reason", "")),
+                           int(doc.get("to_device", 0)), int(doc.get("from_device", 0)),
+                           f"{s.id}.cast" if doc.get("recorded") else None)
+
+    async def _on_worker_lost(self, reason: str = "the relay worker stopped unexpectedly") -> None:
+        for sid in list(self.in_worker):
+            await self._on_worker_report({"op": "closed", "sid": sid, "status": "closed", "reason": reason})
 
     async def _on_refused(self, subject: str, data: bytes) -> None:
         waiting = self.pending.get(subject.split(".")[1])
@@ -154,6 +186,11 @@ class Relay:
 
     async def _on_end(self, subject: str, data: bytes) -> None:
         session_id = subject.split(".")[1]
+        if session_id in self.in_worker:
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.worker.send({"op": "end", "sid": session_id, "status": "ended",
+                                        "reason": "ended by an administrator"})
+            return
         task = self.live.get(session_id)
         if task is not None:
             self.ending.add(session_id)
@@ -162,32 +199,27 @@ class Relay:
     # --- the operator's side ---
 
     async def operator(self, ws: WebSocket, session_id: str, token: str, who: Principal | None) -> None:
-        """The operator's WebSocket (accepted by the caller): check the token, open the session
-        on the device, relay until either side ends."""
-        ctx = self.ctx
+        """The operator's WebSocket: check the token, open the session on the device, and relay
+        until either side ends: in the relay worker when the connection can be handed over (not
+        accepted yet), else here (accepted here if the caller has not)."""
         s = await self._claim(session_id, token, who)
-        if s is None:
-            await ws.close(CLOSE_UNAUTHORIZED, "session refused")
-            return
-        device_token = "rdt_" + secrets.token_urlsafe(32)
-        waiting = _Pending(asyncio.get_running_loop().create_future())
+        in_worker = handover.detachable(ws)
+        if s is None or not in_worker:
+            if getattr(ws, "application_state", None) == WebSocketState.CONNECTING:
+                await ws.accept()
+            if s is None:
+                await ws.close(CLOSE_UNAUTHORIZED, "session refused")
+                return
+        waiting = _Pending(asyncio.get_running_loop().create_future(), in_worker=in_worker)
         self.pending[s.id] = waiting
         try:
-            async with ctx.writer() as db:
-                await db.execute(update(RemoteSession).where(RemoteSession.id == s.id)
-                                 .values(device_token_hash=digest(device_token)))
-            relay_url = ctx.config.public_url.replace("http", "ws", 1) + DEVICE_RELAY_PATH + s.id
-            msg = p.SessionOpen(session_id=s.id, kind=s.kind, relay_url=relay_url,  # type: ignore[arg-type]
-                                token=device_token, user=s.user_name, params=s.params)
-            await ctx.bus.publish(f"device.{s.device_id}.session", msgspec.json.encode(msg))
             try:
-                device_ws = await asyncio.wait_for(asyncio.shield(waiting.device),
-                                                   ctx.config.timeouts.session_device_connect)
-            except _Refused as e:
-                await self._fail(ws, s, "refused", f"the device refused: {e}")
-                return
-            except TimeoutError:
-                await self._fail(ws, s, "refused", "the device did not connect its end of the session in time")
+                device_ws = await self._ask_device(ws, s, waiting)
+            except Exception:
+                if in_worker:  # the worker holds the operator's end: it must not wait for a device forever
+                    await self._fail(ws, s, "closed", "the server could not open the session")
+                raise
+            if device_ws is None:  # over, or both ends are in the worker: this call is done
                 return
             task = asyncio.current_task()
             assert task is not None
@@ -199,6 +231,56 @@ class Relay:
         finally:
             self.pending.pop(s.id, None)
             waiting.done.set()
+
+    async def _ask_device(self, ws: WebSocket, s: RemoteSession, waiting: _Pending) -> WebSocket | None:
+        """Send the device ``session_open`` and wait for its end: its WebSocket when this process
+        relays, None when the worker does or when the session is over (failed, told, finished)."""
+        ctx = self.ctx
+        if waiting.in_worker:
+            await self._to_worker(s, "operator", ws)
+        device_token = "rdt_" + secrets.token_urlsafe(32)
+        async with ctx.writer() as db:
+            await db.execute(update(RemoteSession).where(RemoteSession.id == s.id)
+                             .values(device_token_hash=digest(device_token)))
+        relay_url = ctx.config.public_url.replace("http", "ws", 1) + DEVICE_RELAY_PATH + s.id
+        msg = p.SessionOpen(session_id=s.id, kind=s.kind, relay_url=relay_url,  # type: ignore[arg-type]
+                            token=device_token, user=s.user_name, params=s.params)
+        await ctx.bus.publish(f"device.{s.device_id}.session", msgspec.json.encode(msg))
+        try:
+            device_ws = await asyncio.wait_for(asyncio.shield(waiting.device),
+                                               ctx.config.timeouts.session_device_connect)
+        except _Gone:  # the worker ended it (the operator left, an admin ended it) and reported it
+            return None
+        except _Refused as e:
+            await self._fail(ws, s, "refused", f"the device refused: {e}")
+            return None
+        except TimeoutError:
+            await self._fail(ws, s, "refused", "the device did not connect its end of the session in time")
+            return None
+        if device_ws is None:
+            await self._opened(s)
+        return device_ws
+
+    async def _to_worker(self, s: RemoteSession, side: str, ws: WebSocket) -> None:
+        """Hand ``ws``'s connection (not accepted) to the relay worker, with what it needs to
+        answer the handshake and, for a terminal, to record it."""
+        recording = None
+        if s.kind == "terminal" and side == "operator":
+            folder = recordings_dir(self.ctx)
+            folder.mkdir(parents=True, exist_ok=True)
+            recording = str(folder / f"{s.id}.cast")
+        doc = {"op": "adopt", "sid": s.id, "side": side, "kind": s.kind, "request": handover.request_head(ws),
+               "subprotocols": [SESSION_SUBPROTOCOL] if side == "device" else [],
+               "recording": recording, "cols": int(s.params.get("cols", 80)), "rows": int(s.params.get("rows", 24)),
+               "title": f"{s.user_name} on {s.device_id}"}
+        if side == "operator":
+            self.in_worker[s.id] = s
+        await self.worker.send(doc, handover.detach(ws))
+
+    async def _opened(self, s: RemoteSession) -> None:
+        async with self.ctx.writer() as db:
+            await db.execute(update(RemoteSession).where(RemoteSession.id == s.id)
+                             .values(status="open", opened_at=time.time()))
 
     async def _claim(self, session_id: str, token: str, who: Principal | None) -> RemoteSession | None:
         """Use the operator's token, once: refused (and audited) when it is unknown, used, expired,
@@ -232,6 +314,11 @@ class Relay:
         return s
 
     async def _fail(self, ws: WebSocket, s: RemoteSession, status: str, reason: str) -> None:
+        if s.id in self.in_worker:  # the worker tells the operator, then reports the session closed
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.worker.send({"op": "fail", "sid": s.id, "status": status, "reason": reason,
+                                        "code": CLOSE_REFUSED})
+            return
         with contextlib.suppress(Exception):
             await ws.send_text(json.dumps({"type": "error", "message": reason}))
             await ws.close(CLOSE_REFUSED, reason[:120])
@@ -251,11 +338,10 @@ class Relay:
                              "seconds": round(now - s.created_at, 3)})
 
     async def _relay(self, op: WebSocket, dev: WebSocket, s: RemoteSession) -> None:
+        """Relay in this process (an operator's end that could not be handed over)."""
         ctx = self.ctx
         now = time.time()
-        async with ctx.writer() as db:
-            await db.execute(update(RemoteSession).where(RemoteSession.id == s.id)
-                             .values(status="open", opened_at=now))
+        await self._opened(s)
         cast: Asciicast | None = None
         recording = None
         out = None
@@ -340,6 +426,14 @@ class Relay:
         if not ok or waiting is None or waiting.device.done():
             await ws.close(CLOSE_UNAUTHORIZED)
             return
+        if waiting.in_worker:
+            s = self.in_worker.get(session_id)
+            if s is None or not handover.detachable(ws):
+                await ws.close(CLOSE_UNAUTHORIZED)
+                return
+            await self._to_worker(s, "device", ws)
+            waiting.device.set_result(None)
+            return
         offered = ws.scope.get("subprotocols") or []
         await ws.accept(subprotocol=SESSION_SUBPROTOCOL if SESSION_SUBPROTOCOL in offered else None)
         waiting.device.set_result(ws)
@@ -364,6 +458,10 @@ def _record_control(cast: Asciicast, text: str) -> None:
 
 class _Refused(Exception):
     pass
+
+
+class _Gone(Exception):
+    """The relay worker ended the session (and reported it) before its device came."""
 
 
 class _TooBig(Exception):

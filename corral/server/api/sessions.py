@@ -76,8 +76,7 @@ async def session_ws(ws: WebSocket, session_id: str, token: str = Query(default=
         who = await principal_of(ws, ctx)
     except CorralError:
         who = None  # refused below, with the reason audited
-    await ws.accept()
-    assert ctx.relay is not None
+    assert ctx.relay is not None  # it accepts the socket, or hands it over to the relay worker
     await ctx.relay.operator(ws, session_id, token, who)
 
 
