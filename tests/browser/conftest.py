@@ -8,6 +8,7 @@ with a message, unless CI is set: then they fail.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from tests.conftest import AgentProc, ServerProc, start_agent, start_server, wait_until
 
@@ -103,6 +105,24 @@ def login_as(console: Console, http: Callable[[str], httpx.Client]) -> Callable[
 def page_csrf(client: httpx.Client, path: str = "/devices") -> str:
     """The CSRF token rendered into a console page (the log-out form carries it)."""
     return form_csrf(client.get(path).text)
+
+
+def record_a_session(console: Console, commands: bytes) -> str:
+    """A terminal session run by the admin over the API, recorded by the server; its id."""
+    s = console.server
+    r = s.api("POST", f"/devices/{console.device_id}/sessions", json={"kind": "terminal",
+                                                                      "params": {"cols": 100, "rows": 30}})
+    assert r.status_code == 201, r.text
+    doc = r.json()
+    url = s.url.replace("http", "ws", 1) + doc["ws_path"] + "?token=" + doc["token"]
+    with connect(url, additional_headers={"Authorization": f"Bearer {s.admin_token}"}, open_timeout=10) as ws:
+        ws.send(commands)
+        while True:
+            message = ws.recv(timeout=15)
+            if isinstance(message, str) and json.loads(message)["type"] in ("exit", "error"):
+                break
+    wait_until(lambda: s.api("GET", "/sessions").json()[0]["status"] == "closed", what="the session closed")
+    return str(doc["id"])
 
 
 # --- the browser ------------------------------------------------------------------------------------

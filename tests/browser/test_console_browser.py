@@ -9,9 +9,7 @@ import json
 import re
 from typing import Any
 
-from websockets.sync.client import connect
-
-from tests.browser.conftest import SCRIPT_TAG, BrowserPage, Console, browser_login
+from tests.browser.conftest import SCRIPT_TAG, BrowserPage, Console, browser_login, record_a_session
 from tests.conftest import wait_until
 
 
@@ -75,6 +73,12 @@ def test_the_terminal_page_runs_a_shell_on_the_device(tab: BrowserPage, console:
     page.keyboard.press("Enter")
     # the command line echoes "echo hi"; the shell's output is a line that is "hi" alone
     wait_until(lambda: "hi" in terminal_lines(page), what="the output 'hi'")
+    page.set_viewport_size({"width": 900, "height": 700})  # the terminal follows: a resize goes to the device
+    page.keyboard.type("stty size")
+    page.keyboard.press("Enter")
+    wait_until(lambda: any(re.fullmatch(r"\d+ \d+", line) for line in terminal_lines(page)), what="stty size")
+    rows, cols = next(line for line in terminal_lines(page) if re.fullmatch(r"\d+ \d+", line)).split()
+    assert int(cols) < 100  # 900 pixels of 14-pixel monospace
     page.keyboard.type("exit 3")
     page.keyboard.press("Enter")
     wait_until(lambda: status.inner_text() == "The shell exited with status 3.", what="the exit status shown")
@@ -82,24 +86,8 @@ def test_the_terminal_page_runs_a_shell_on_the_device(tab: BrowserPage, console:
     sessions = console.server.api("GET", "/sessions").json()
     mine = [s for s in sessions if s["user"] == "olga" and s["kind"] == "terminal"]
     assert mine and mine[0]["recording"] and mine[0]["bytes_from_device"] > 0
-
-
-def record_a_session(console: Console, commands: bytes) -> str:
-    """A terminal session run by the admin over the API, recorded by the server; its id."""
-    s = console.server
-    r = s.api("POST", f"/devices/{console.device_id}/sessions", json={"kind": "terminal",
-                                                                      "params": {"cols": 100, "rows": 30}})
-    assert r.status_code == 201, r.text
-    doc = r.json()
-    url = s.url.replace("http", "ws", 1) + doc["ws_path"] + "?token=" + doc["token"]
-    with connect(url, additional_headers={"Authorization": f"Bearer {s.admin_token}"}, open_timeout=10) as ws:
-        ws.send(commands)
-        while True:
-            message = ws.recv(timeout=15)
-            if isinstance(message, str) and json.loads(message)["type"] in ("exit", "error"):
-                break
-    wait_until(lambda: s.api("GET", "/sessions").json()[0]["status"] == "closed", what="the session closed")
-    return str(doc["id"])
+    cast = console.server.api("GET", f"/sessions/{mine[0]['id']}/recording").text.splitlines()
+    assert [json.loads(line)[2] for line in cast[1:] if json.loads(line)[1] == "r"][-1] == f"{cols}x{rows}"
 
 
 def test_a_recorded_session_plays_back(tab: BrowserPage, console: Console) -> None:

@@ -14,7 +14,7 @@ from websockets.sync.client import connect
 
 from corral.server.auth import csrf_token, csrf_token_ok, origin_allowed
 from corral.server.console import content_security_policy, parse_form, safe_next
-from tests.browser.conftest import Console, form_csrf, page_csrf
+from tests.browser.conftest import Console, form_csrf, page_csrf, record_a_session
 
 Client = Callable[[str], httpx.Client]
 
@@ -91,6 +91,23 @@ def test_ending_a_session_from_the_console_is_for_admins_with_the_token(console:
     r = admin.post(f"/sessions/{sid}/end", data={"csrf_token": page_csrf(admin)})
     assert r.status_code == 303
     assert next(s for s in console.server.api("GET", "/sessions").json() if s["id"] == sid)["status"] == "ended"
+
+
+def test_sessions_and_recordings_are_shown_to_whom_they_belong(console: Console, login_as: Client) -> None:
+    s = console.server
+    admin_sid = s.api("POST", f"/devices/{console.device_id}/sessions", json={"kind": "terminal"}).json()["id"]
+    olga = login_as("olga")
+    olga_sid = olga.post(f"/api/v1/devices/{console.device_id}/sessions", json={"kind": "terminal"},
+                         headers={"X-CSRF-Token": page_csrf(olga)}).json()["id"]
+    page = olga.get("/sessions").text
+    assert olga_sid in page and admin_sid not in page and "/end" not in page  # hers only, and no End button
+    admin_page = login_as("admin").get("/sessions").text
+    assert olga_sid in admin_page and admin_sid in admin_page and f"/sessions/{admin_sid}/end" in admin_page
+    recorded = record_a_session(console, b"exit\n")
+    assert login_as("admin").get(f"/sessions/{recorded}/playback").status_code == 200
+    assert olga.get(f"/sessions/{recorded}/playback").status_code == 403
+    assert login_as("vera").get(f"/sessions/{recorded}/playback").status_code == 403
+    assert olga.get("/sessions/nonexistent/playback").status_code == 404
 
 
 def session_socket(console: Console, client: httpx.Client) -> tuple[str, str]:
