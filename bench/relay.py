@@ -9,8 +9,8 @@ loopback, and a target process (uvloop) on the same loopback that the device for
 1. **Throughput.** A forward session driven directly over the operator's WebSocket (the
    ``websockets`` client, in the CLI's 32 KiB messages; no CLI process, no local socket in front
    of it), twice: offering permessage-deflate (as browsers do, and as ``corral forward`` did
-   until commit a4dbde0; the server accepts it), and without compression (as ``corral forward``
-   connects now). ``--size`` MiB to the
+   until commit a4dbde0; the relay worker declines it, so both should match), and without
+   compression (as ``corral forward`` connects now). ``--size`` MiB to the
    sink (operator → device → target: from the session's request to the sink's count), and from
    the source (target → device → operator: to the device's ``eof``), ``--rounds`` times each,
    the median; the session's opening is inside the time (tens of ms of seconds).
@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import psutil
 
 from bench.common import (
     PY,
@@ -602,6 +603,14 @@ async def floor_per_session(n: int, compression: str | None, log: Path) -> float
 # --- the driver -----------------------------------------------------------------------------------------
 
 
+def _relay_worker_pid(server_pid: int) -> int:
+    """The server's relay worker (its child process that carries the sessions' bytes)."""
+    for child in psutil.Process(server_pid).children():
+        if "corral.server.relay_worker" in " ".join(child.cmdline()):
+            return int(child.pid)
+    raise RuntimeError("the server has no relay worker")
+
+
 def _wait_device(server: CorralServer, agent: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     with server.client() as c:
@@ -685,7 +694,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(1.0)
             await close_all(warm)
             await wait_no_live(op)
-            pids = {"server": server.pid, **({"agent": agent.pid} if with_agent else {})}
+            pids = {"server": server.pid, "relay": _relay_worker_pid(server.pid),
+                    **({"agent": agent.pid} if with_agent else {})}
             for pid in pids.values():
                 await asyncio.to_thread(settle, pid)
             before = {k: rss(pid) for k, pid in pids.items()}
@@ -852,8 +862,10 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
     idle = d["idle"]
 
     def per_session(mode: str, proc: str) -> float:
+        """KB per session of the agent, or of the server: its own process and its relay worker."""
         m = idle[mode]
-        return float((m["rss_after"][proc] - m["rss_before"][proc]) / a.idle / 1000)
+        procs = [proc, "relay"] if proc == "server" and "relay" in m["rss_after"] else [proc]
+        return float(sum(m["rss_after"][x] - m["rss_before"][x] for x in procs) / a.idle / 1000)
 
     for mode, how in (("deflate", "operator's WebSocket with permessage-deflate"),
                       ("plain", "without compression, as the CLI connects")):
@@ -884,39 +896,27 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
               if (cli := _mbs(size, runs[f"corral_{way}"])) and (plain := _mbs(size, runs[f"plain_{way}"]))
               and cli < plain / 2]
     if capped:
-        notes.append(f"Compression caps the forward (with permessage-deflate vs without: {'; '.join(capped)}): the "
-                     "server's uvicorn accepts permessage-deflate from any operator client that offers it (browsers "
-                     "do; the CLI did until commit a4dbde0), and then every relayed byte is deflated on the "
-                     "operator's leg (by the client going to the device, by the server coming from it: py-spy on "
-                     "the server relaying to such an operator, 2026-11-30, found 86 % of its time in websockets' "
-                     "`PerMessageDeflate.encode`). Forwarded bytes are mostly compressed or encrypted already; "
-                     "`ws_per_message_deflate=False` in `corral/server/main.py` (or for the session route alone) "
-                     "would remove it for every client.")
+        notes.append(f"Compression caps the forward (offering permessage-deflate vs not: {'; '.join(capped)}): the "
+                     "relay worker is meant to decline permessage-deflate (ADR 0016), so this is a regression.")
     for mode in ("plain", "deflate"):
         kb, floor = per_session(mode, "server"), idle[mode]["floor_bytes_per_session"] / 1000
         if floor >= GOAL_KB_PER_SESSION:
-            notes.append(f"Server memory ({'without compression' if mode == 'plain' else 'with permessage-deflate'}): "
-                         f"a bare uvicorn holding the same two WebSockets per session already costs {floor:.0f} KB "
-                         f"a session, so the 20 KB goal is below this WebSocket stack's floor; Corral adds "
-                         f"{kb - floor:.0f} KB (the operator's socket goes through FastAPI's routing and middleware, "
-                         "whose frames live as long as the session, unlike the devices' sockets; the relay's tasks "
-                         "and the session's row; with permessage-deflate, each operator socket also holds a zlib "
-                         "context each way).")
+            notes.append(f"Server memory ({'without compression' if mode == 'plain' else 'offering permessage-deflate'}"
+                         f"): a bare uvicorn holding the same two WebSockets per session costs {floor:.0f} KB a "
+                         f"session; Corral's server process and relay worker together {kb:.0f} KB.")
     for name in ("busy", "busy_plain", "busy_rate"):
         w, base_n = t[name], t["idle"]["batches"]
         if w["batches"] < base_n / 2:
             notes.append(f"Telemetry during `{name}`: only {w['batches']} batches were acked in the window (against "
-                         f"{base_n} without sessions): the other devices' telemetry stalls while the relay is busy, "
-                         "and is acked once the sessions end. (Seen 2026-11-30: py-spy found the server's event loop "
-                         "busy relaying, with no telemetry work at all and its database threads idle, during the "
-                         "stall; neither yielding to the loop after each relayed message nor a 0.2 ms GIL switch "
-                         "interval changed it. Cause not found yet.)")
+                         f"{base_n} without sessions): the other devices' telemetry stalled while the relay was busy. "
+                         "The relay worker exists to prevent exactly this (ADR 0016): look for sessions relayed in "
+                         "the server's own process.")
     result["method"] = (
         "One `corral server` (SQLite) and one real `corral agent` on loopback; the forward targets (a sink that "
         "answers with the byte count at EOF, a source, an echo) in a uvloop process of their own on the same "
         "loopback. **Throughput**: a forward session driven directly over the operator's WebSocket (the "
         "`websockets` client, 32 KiB messages, no CLI process): once offering permessage-deflate (as browsers "
-        "do, and the CLI did until commit a4dbde0; the server accepts it), once without compression (as "
+        "do, and the CLI did until commit a4dbde0; the relay worker declines it), once without compression (as "
         "`corral forward` connects now); "
         f"{a.size} MiB to the sink and from the source, the session's opening included; references interleaved "
         "round by round with the same client code on a socket: a direct TCP connection to the same targets, and "
