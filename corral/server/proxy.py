@@ -722,6 +722,7 @@ class _Exchange(Response):
         self.route = route
         self.request_id = request_id
         self.started = False
+        self.released = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -750,25 +751,35 @@ class _Exchange(Response):
                                                    chunked=chunked))
         for attempt in (1, 2):
             t = await self.proxy.acquire(g, self.request_id)
+            self.released = False
             try:
                 await self._exchange(t, head, body, more, receive, send, target.decode("latin-1"))
             except _ClientGone:
-                t.shut()
+                self._drop(t)
                 return
             except UpstreamFailed as e:
-                t.shut()
+                self._drop(t)
                 if self.started:  # the browser gets a truncated response: the status was sent already
                     log.warning("proxy %s %s: %s after the response started", g.device_id, scope["path"], e.detail)
                     return
                 # a kept connection that the app had closed meanwhile: once more on a new one
-                if attempt == 1 and t.reused and t.received == 0 and not more and not self.started:
+                if attempt == 1 and t.reused and t.received == 0 and not more:
                     continue
                 raise
             except BaseException:
-                t.shut()
+                self._drop(t)
                 raise
-            self.proxy.release(g, t)
+            self._release(t)
             return
+
+    def _release(self, t: Tunnel) -> None:
+        if not self.released:
+            self.released = True
+            self.proxy.release(self.route.grant, t)
+
+    def _drop(self, t: Tunnel) -> None:
+        if not self.released:  # (once given back, it may be another request's already)
+            t.shut()
 
     async def _exchange(self, t: Tunnel, head: h11.Request, body: bytes, more: bool, receive: Receive,
                         send: Send, target: str) -> None:
@@ -827,14 +838,17 @@ class _Exchange(Response):
             g.jar.store(c, target, now)
         await send({"type": "http.response.start", "status": event.status_code, "headers": headers})
         self.started = True
-        while True:
+        while True:  # h11 ends an answer with EndOfMessage, or _next_event raises
             event = await _next_event(t)
             if isinstance(event, h11.Data):
                 await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
             elif isinstance(event, h11.EndOfMessage):
+                if conn.our_state is h11.DONE:
+                    # given back before the browser has the end of the answer, so that its next
+                    # request finds the connection free
+                    self._release(t)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-                break
-        assert conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+                return
 
 
 class _ClientGone(Exception):
