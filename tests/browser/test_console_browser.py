@@ -146,6 +146,10 @@ def test_a_cookie_request_without_the_csrf_token_is_refused(tab: BrowserPage, co
                               body: JSON.stringify({set: {csrf: "changed"}})});
         return r.status; }"""
     assert page.evaluate(change, [console.device_id, ""]) == 403
+    create = """async () => (await fetch("/api/v1/groups", {method: "POST",
+        headers: {"Content-Type": "application/json"}, body: JSON.stringify({name: "csrf-probe"})})).status"""
+    assert page.evaluate(create) == 403
+    assert console.server.api("GET", "/groups/csrf-probe").status_code == 404
     assert "csrf" not in console.server.api("GET", f"/devices/{console.device_id}").json()["tags"]
     csrf = page.locator('input[name="csrf_token"]').first.get_attribute("value")
     assert re.fullmatch(r"[0-9a-f]{64}", csrf or "")
