@@ -230,7 +230,14 @@ async def form_principal(request: Request, ctx: ServerContext, form: dict[str, s
 
 
 def secure_cookies(request: Request, ctx: ServerContext) -> bool:
-    return ctx.config.public_url.startswith("https://") or request.url.scheme == "https"
+    return cookies_secure(ctx.config.public_url, request.url.scheme)
+
+
+def cookies_secure(public_url: str, scheme: str) -> bool:
+    """Whether cookies get ``Secure``: when the browser reaches us over https (the public URL, or
+    the request's scheme, which uvicorn takes from a local proxy's X-Forwarded-Proto). Over plain
+    http a Secure cookie would never come back."""
+    return public_url.startswith("https://") or scheme == "https"
 
 
 # --- login and logout ----------------------------------------------------------------------------

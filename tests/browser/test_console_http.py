@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from corral.server.auth import csrf_token, csrf_token_ok, origin_allowed
-from corral.server.console import content_security_policy, parse_form, safe_next
+from corral.server.console import content_security_policy, cookies_secure, parse_form, safe_next
 from tests.browser.conftest import Console, form_csrf, page_csrf, record_a_session
 
 Client = Callable[[str], httpx.Client]
@@ -32,6 +32,13 @@ def test_the_session_cookie_is_httponly_strict_and_expires(console: Console, htt
     assert "httponly" in flags and "samesite=strict" in flags and "path=/" in flags
     assert "max-age=43200" in flags
     assert "secure" not in flags  # http://127.0.0.1: a Secure cookie would never come back
+    # behind a local proxy that terminates TLS, the cookie is Secure
+    proxied = http(console.url)
+    csrf = form_csrf(proxied.get("/login").text)
+    r = proxied.post("/login", data={"user": "vera", "password": console.passwords["vera"], "csrf_token": csrf},
+                     headers={"X-Forwarded-Proto": "https"})
+    cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("corral_session="))
+    assert "secure" in [f.strip().lower() for f in cookie.split(";")[1:]]
     assert c.get("/api/v1/auth/whoami").json()["user"] == "vera"  # the cookie authenticates the API too
 
 
@@ -207,3 +214,9 @@ def test_the_csp_allows_styles_by_nonce_only_where_asked() -> None:
 
 def test_parse_form() -> None:
     assert parse_form(b"user=a%20b&password=&next=%2Fdevices") == {"user": "a b", "password": "", "next": "/devices"}
+
+
+def test_cookies_are_secure_over_https() -> None:
+    assert cookies_secure("https://corral.example", "http")  # a proxy terminates TLS
+    assert cookies_secure("http://127.0.0.1:8080", "https")  # X-Forwarded-Proto: https from a local proxy
+    assert not cookies_secure("http://127.0.0.1:8080", "http")
