@@ -156,3 +156,24 @@ def test_a_cookie_request_without_the_csrf_token_is_refused(tab: BrowserPage, co
     assert page.evaluate(change, [console.device_id, csrf]) == 200  # the same call with the token works
     assert console.server.api("GET", f"/devices/{console.device_id}").json()["tags"]["csrf"] == "changed"
     console.server.api("PATCH", f"/devices/{console.device_id}/tags", json={"remove": ["csrf"]})
+
+
+def test_the_console_works_from_the_keyboard_at_phone_width(tab: BrowserPage, console: Console) -> None:
+    page = tab.page
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(console.url + "/login")
+    page.keyboard.type("olga")  # the user name field has the focus
+    page.keyboard.press("Tab")
+    page.keyboard.type(console.passwords["olga"])
+    page.keyboard.press("Enter")
+    page.wait_for_url(console.url + "/devices")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    # nothing wider than the phone's screen but the table's own scroller
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.get_by_role("link", name=console.device_id).focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{console.url}/devices/{console.device_id}")
+    no_csp_trouble(tab)
