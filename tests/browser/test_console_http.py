@@ -162,12 +162,23 @@ def test_pages_carry_the_security_headers_and_vendor_files_are_an_allow_list(con
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
     assert r.headers["x-content-type-options"] == "nosniff"
     assert c.get("/static/console.css").headers["content-type"].startswith("text/css")
+    assert c.get("/static/vendor/uplot/uPlot.esm.js").status_code == 200  # for the charts to come
     for path in ("/static/vendor/xterm/package.json", "/static/vendor/@xterm/xterm/lib/xterm.mjs",
                  "/static/vendor/../package.json", "/static/..%2fpackage.json", "/static/.hidden.js",
                  "/static/vendor/uplot/package.json"):
         assert c.get(path).status_code == 404, path
     assert c.get(f"/devices/{console.device_id}/terminal").status_code == 403  # a viewer
     assert c.get("/sessions").status_code == 403
+
+
+def test_the_device_list_searches_by_selector(console: Console, login_as: Client) -> None:
+    c = login_as("vera")
+    assert console.device_id in c.get("/devices", params={"selector": 'tag.site == "berlin" and online'}).text
+    page = c.get("/devices", params={"selector": 'tag.site == "nowhere"'}).text
+    assert console.device_id not in page and "No devices match this selector." in page
+    r = c.get("/devices", params={"selector": "tag.site =="})
+    assert r.status_code == 200 and 'id="selector-error"' in r.text and "column" in r.text
+    assert 'value="tag.site =="' in r.text  # the search is kept for correcting
 
 
 # --- the pure helpers ------------------------------------------------------------------------------
