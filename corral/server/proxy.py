@@ -321,6 +321,16 @@ def _path_matches(request_path: str, cookie_path: str) -> bool:
     return path.startswith(cookie_path) and (cookie_path.endswith("/") or path[len(cookie_path)] == "/")
 
 
+def is_navigation(method: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request is a browser loading a page (which a login page can answer)."""
+    h = {k.lower(): v for k, v in headers}
+    if method != "GET":
+        return False
+    if b"sec-fetch-mode" in h:
+        return h[b"sec-fetch-mode"] == b"navigate"
+    return b"text/html" in h.get(b"accept", b"")
+
+
 def entry_allowed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """Whether a navigation authenticated by the console's cookie alone may buy a capability:
     only one the user started (address bar, bookmark: ``none``) or one of the console's own
@@ -702,7 +712,15 @@ async def _route(conn: HTTPConnection, device_id: str, port_text: str, path: str
 
 async def http(request: Request, device_id: str, port: str, path: str) -> Response:
     """``/devices/ID/proxy/PORT/PATH``, any method."""
-    route, _ = await _route(request, device_id, port, path)
+    try:
+        route, _ = await _route(request, device_id, port, path)
+    except Unauthorized:
+        if not is_navigation(request.scope["method"], request.scope["headers"]) or \
+                split_capability(path)[0] is not None:
+            raise
+        # a browser that is not logged in: to the console's login, and back here after it
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(here, safe='')}", status_code=303)
     if isinstance(route, str):
         return RedirectResponse(route, status_code=303, headers=dict(
             (k.decode(), v.decode()) for k, v in security_headers(False)))
@@ -745,10 +763,13 @@ class _Exchange(Response):
         body, more = first.get("body", b""), first.get("more_body", False)
         has_length = any(k == b"content-length" for k, _ in scope["headers"])
         chunked = (more or bool(body)) and not has_length
-        head = h11.Request(method=scope["method"], target=target,
-                           headers=request_headers(scope["headers"], port, g.jar.header(target.decode("latin-1"),
-                                                                                         time.time()),
-                                                   chunked=chunked))
+        try:
+            head = h11.Request(method=scope["method"], target=target,
+                               headers=request_headers(scope["headers"], port,
+                                                       g.jar.header(target.decode("latin-1"), time.time()),
+                                                       chunked=chunked))
+        except h11.LocalProtocolError as e:
+            raise InvalidInput(f"this request cannot be passed on to the device: {e}") from None
         for attempt in (1, 2):
             t = await self.proxy.acquire(g, self.request_id)
             self.released = False

@@ -323,6 +323,10 @@ def test_refusals_are_clear_and_open_nothing(server: ServerProc, device: Device)
         assert refused.value.response.status_code == 403
     r = httpx.get(f"{s.url}/devices/{dev}/proxy/{app.port}/")
     assert r.status_code == 401
+    # a browser that is not logged in goes to the console's login, and comes back after it
+    r = httpx.get(f"{s.url}/devices/{dev}/proxy/{app.port}/x?y=1", headers={"sec-fetch-mode": "navigate"})
+    assert r.status_code == 303
+    assert r.headers["location"] == f"/login?next=%2Fdevices%2F{dev}%2Fproxy%2F{app.port}%2Fx%3Fy%3D1"
     with browser(s) as c:
         # bad ports, an unknown device
         for port in ("0", "65536", "http"):

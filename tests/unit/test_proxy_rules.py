@@ -9,6 +9,7 @@ from corral.server.proxy import (
     SANDBOX,
     CookieJar,
     entry_allowed,
+    is_navigation,
     parse_port,
     preflight,
     proxy_prefix,
@@ -131,3 +132,11 @@ def test_only_the_console_or_the_user_may_open_a_devices_page_with_the_cookie() 
     assert not entry_allowed([(b"sec-fetch-site", b"cross-site")])
     assert not entry_allowed([(b"sec-fetch-site", b"same-site")])
     assert entry_allowed([])  # a browser without Fetch Metadata
+
+
+def test_a_page_load_is_told_from_a_script_call() -> None:
+    assert is_navigation("GET", [(b"sec-fetch-mode", b"navigate"), (b"accept", b"text/html")])
+    assert not is_navigation("GET", [(b"sec-fetch-mode", b"cors"), (b"accept", b"text/html")])
+    assert is_navigation("GET", [(b"accept", b"text/html,application/xhtml+xml")])
+    assert not is_navigation("GET", [(b"accept", b"*/*")])
+    assert not is_navigation("POST", [(b"sec-fetch-mode", b"navigate")])
