@@ -16,12 +16,13 @@ admin ended it) and ``stop``; this process says ``closed`` once per session, wit
 reason and bytes each way. When the server goes away (end of file on the link), this process
 closes every session and exits.
 
-Each end is an :class:`asyncio.Protocol` around a sans-I/O ``websockets.ServerProtocol``: no task
-and no queue per session. Frames are relayed as they come (fragments as fragments), so nothing
-waits for a whole message; when one side's socket buffer is full, the other side is not read
-(``pause_reading``), so a slow side slows the fast one instead of filling memory. A message over
-:data:`MAX_FRAME` closes the session with 1009. No permessage-deflate: compression cost the relay
-nine tenths of its throughput, and a terminal's or a tunnel's bytes are small or already compressed.
+Each end is an :class:`asyncio.Protocol` around websockets' sans-I/O protocol (``ServerProtocol``
+for the handshake, then the base ``Protocol`` for frames): no task and no queue per session.
+Frames are relayed as they come (fragments as fragments), so nothing waits for a whole message;
+when one side's socket buffer is full, the other side is not read (``pause_reading``), so a slow
+side slows the fast one instead of filling memory. A message over :data:`MAX_FRAME` closes the
+session with 1009. No permessage-deflate: compression cost the relay nine tenths of its
+throughput, and a terminal's or a tunnel's bytes are small or already compressed.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import IO, Any, cast
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
-from websockets.protocol import State
+from websockets.protocol import Protocol, Side, State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -64,7 +65,7 @@ def error_text(message: str) -> str:
     return json.dumps({"type": "error", "message": message})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
     """One session's two ends and its counters (this process's view)."""
 
@@ -100,21 +101,30 @@ class Session:
         self.cast.header()
 
 
+#: why a side is not read (bits of ``End.blocked``)
+UNPAIRED = 1  # its peer is not there yet
+PEER_BUSY = 2  # its peer's socket buffer is full
+
+
 class End(asyncio.Protocol):
-    """One side of a session: a WebSocket whose handshake this process answers."""
+    """One side of a session: a WebSocket whose handshake this process answers. (Slots, and the
+    handshake's objects dropped once it is done: a thousand idle sessions are two thousand of these.)"""
+
+    __slots__ = ("blocked", "continuing", "early", "request", "session", "side", "subprotocols", "transport",
+                 "worker", "ws")
 
     def __init__(self, worker: Worker, session: Session, side: str, request: bytes,
                  subprotocols: list[str]) -> None:
         self.worker = worker
         self.session = session
         self.side = side
-        self.request = request  # the HTTP request, as the server read it before handing it over
-        self.ws = ServerProtocol(subprotocols=[Subprotocol(p) for p in subprotocols] or None, max_size=MAX_FRAME)
+        self.request: bytes | None = request  # the HTTP request, as the server read it before handing it over
+        self.subprotocols: list[str] | None = subprotocols
+        self.ws = Protocol(Side.SERVER, state=State.CONNECTING, max_size=MAX_FRAME)  # replaced once open
         self.transport: asyncio.Transport | None = None
-        #: why this side is not read: its peer is not there yet, or its peer's buffer is full
-        self.blocked: set[str] = set()
+        self.blocked = 0  # UNPAIRED | PEER_BUSY
         #: what arrived before the peer did (one read at most: reading is paused then)
-        self.early: list[bytes] = []
+        self.early: list[bytes] | None = None
         self.continuing = Opcode.BINARY  # the type of the message whose fragments are coming
 
     # --- asyncio.Protocol ---
@@ -122,29 +132,34 @@ class End(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass it
         transport.set_write_buffer_limits(high=WRITE_HIGH)
-        self.ws.receive_data(self.request)
-        requests = [r for r in self.ws.events_received() if isinstance(r, Request)]
-        response = self.ws.accept(requests[0]) if requests else self.ws.reject(400, "no request")
-        self.ws.send_response(response)
-        self.flush()
+        handshake = ServerProtocol(subprotocols=[Subprotocol(p) for p in self.subprotocols or ()] or None)
+        handshake.receive_data(self.request or b"")
+        self.request = self.subprotocols = None
+        requests = [r for r in handshake.events_received() if isinstance(r, Request)]
+        response = handshake.accept(requests[0]) if requests else handshake.reject(400, "no request")
+        handshake.send_response(response)
+        for chunk in handshake.data_to_send():
+            transport.write(chunk)
         if response.status_code != 101:
             transport.close()
             self.worker.finish(self.session, "closed", f"the {self.side}'s WebSocket handshake failed")
             return
+        # the frames from here on: the base protocol, without the handshake's request and parser
+        self.ws = Protocol(Side.SERVER, state=State.OPEN, max_size=MAX_FRAME)
         self.session.ends[self.side] = self
         if self.session.done:  # ended while this side was on its way
             self.close(1000)
             return
         peer = self.session.peer(self.side)
         if peer is None:
-            self.block("unpaired")
+            self.block(UNPAIRED)
         else:
-            peer.unblock("unpaired")
+            peer.unblock(UNPAIRED)
             self.session.start_recording()
 
     def data_received(self, data: bytes) -> None:
-        if "unpaired" in self.blocked:  # uvloop reads once even when paused in connection_made
-            self.early.append(data)
+        if self.blocked & UNPAIRED:  # uvloop reads once even when paused in connection_made
+            self.early = [*(self.early or ()), data]
             return
         self.ws.receive_data(data)
         self.handle_events()
@@ -161,12 +176,12 @@ class End(asyncio.Protocol):
     def pause_writing(self) -> None:
         peer = self.session.peer(self.side)
         if peer is not None:
-            peer.block("peer busy")
+            peer.block(PEER_BUSY)
 
     def resume_writing(self) -> None:
         peer = self.session.peer(self.side)
         if peer is not None:
-            peer.unblock("peer busy")
+            peer.unblock(PEER_BUSY)
 
     # --- relaying ---
 
@@ -227,16 +242,16 @@ class End(asyncio.Protocol):
             if self.ws.close_expected():
                 self.transport.close()
 
-    def block(self, why: str) -> None:
+    def block(self, why: int) -> None:
         if not self.blocked and self.transport is not None:
             self.transport.pause_reading()
-        self.blocked.add(why)
+        self.blocked |= why
 
-    def unblock(self, why: str) -> None:
-        if why in self.blocked:
-            self.blocked.discard(why)
-            early, self.early = self.early, []
-            for data in early:
+    def unblock(self, why: int) -> None:
+        if self.blocked & why:
+            self.blocked &= ~why
+            early, self.early = self.early, None
+            for data in early or ():
                 self.data_received(data)
             if not self.blocked and self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()

@@ -134,6 +134,17 @@ def _audit_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
 # --- the relay ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Live:
+    """What the server keeps of a session the relay worker carries (to record how it ended)."""
+
+    id: str
+    device_id: str
+    user_name: str
+    kind: str
+    created_at: float
+
+
 @dataclass
 class _Pending:
     device: asyncio.Future[WebSocket | None]  # None: the device's end went to the relay worker
@@ -152,7 +163,7 @@ class Relay:
         #: sessions an admin ended (their cancellation is not the server stopping)
         self.ending: set[str] = set()
         #: sessions in the relay worker, until it reports them closed
-        self.in_worker: dict[str, RemoteSession] = {}
+        self.in_worker: dict[str, _Live] = {}
         self.worker = RelayLink(self._on_worker_report, self._on_worker_lost, ctx.config.remote.relay_nice)
 
     async def start(self) -> None:
@@ -237,7 +248,15 @@ class Relay:
         relays, None when the worker does or when the session is over (failed, told, finished)."""
         ctx = self.ctx
         if waiting.in_worker:
-            await self._to_worker(s, "operator", ws)
+            recording = None
+            if s.kind == "terminal":
+                folder = recordings_dir(ctx)
+                folder.mkdir(parents=True, exist_ok=True)
+                recording = str(folder / f"{s.id}.cast")
+            self.in_worker[s.id] = _Live(s.id, s.device_id, s.user_name, s.kind, s.created_at)
+            await self._to_worker(s.id, "operator", ws, kind=s.kind, recording=recording,
+                                  cols=int(s.params.get("cols", 80)), rows=int(s.params.get("rows", 24)),
+                                  title=f"{s.user_name} on {s.device_id}")
         device_token = "rdt_" + secrets.token_urlsafe(32)
         async with ctx.writer() as db:
             await db.execute(update(RemoteSession).where(RemoteSession.id == s.id)
@@ -261,20 +280,11 @@ class Relay:
             await self._opened(s)
         return device_ws
 
-    async def _to_worker(self, s: RemoteSession, side: str, ws: WebSocket) -> None:
-        """Hand ``ws``'s connection (not accepted) to the relay worker, with what it needs to
-        answer the handshake and, for a terminal, to record it."""
-        recording = None
-        if s.kind == "terminal" and side == "operator":
-            folder = recordings_dir(self.ctx)
-            folder.mkdir(parents=True, exist_ok=True)
-            recording = str(folder / f"{s.id}.cast")
-        doc = {"op": "adopt", "sid": s.id, "side": side, "kind": s.kind, "request": handover.request_head(ws),
-               "subprotocols": [SESSION_SUBPROTOCOL] if side == "device" else [],
-               "recording": recording, "cols": int(s.params.get("cols", 80)), "rows": int(s.params.get("rows", 24)),
-               "title": f"{s.user_name} on {s.device_id}"}
-        if side == "operator":
-            self.in_worker[s.id] = s
+    async def _to_worker(self, session_id: str, side: str, ws: WebSocket, **extra: Any) -> None:
+        """Hand ``ws``'s connection (not accepted) to the relay worker, with the request it is to
+        answer (and, for the operator's side, what it needs to know of the session)."""
+        doc = {"op": "adopt", "sid": session_id, "side": side, "request": handover.request_head(ws),
+               "subprotocols": [SESSION_SUBPROTOCOL] if side == "device" else [], **extra}
         await self.worker.send(doc, handover.detach(ws))
 
     async def _opened(self, s: RemoteSession) -> None:
@@ -324,7 +334,7 @@ class Relay:
             await ws.close(CLOSE_REFUSED, reason[:120])
         await self._finish(s, status, reason, 0, 0, None)
 
-    async def _finish(self, s: RemoteSession, status: str, reason: str, to_device: int, from_device: int,
+    async def _finish(self, s: RemoteSession | _Live, status: str, reason: str, to_device: int, from_device: int,
                       recording: str | None) -> None:
         ctx = self.ctx
         now = time.time()
@@ -427,11 +437,10 @@ class Relay:
             await ws.close(CLOSE_UNAUTHORIZED)
             return
         if waiting.in_worker:
-            s = self.in_worker.get(session_id)
-            if s is None or not handover.detachable(ws):
+            if session_id not in self.in_worker or not handover.detachable(ws):
                 await ws.close(CLOSE_UNAUTHORIZED)
                 return
-            await self._to_worker(s, "device", ws)
+            await self._to_worker(session_id, "device", ws)
             waiting.device.set_result(None)
             return
         offered = ws.scope.get("subprotocols") or []
