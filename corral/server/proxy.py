@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import email.utils
 import hashlib
-import json
 import logging
 import re
 import secrets
@@ -41,6 +40,7 @@ from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 import h11
+import msgspec
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import Message, Receive, Scope, Send
@@ -459,11 +459,11 @@ class Tunnel:
             if isinstance(item, bytes):
                 self.received += len(item)
                 return item
-            doc = _control(item)
-            if doc.get("type") == "eof":
+            ctl = _control(item)
+            if ctl.type == "eof":
                 self.eof = True
-            elif doc.get("type") == "error":
-                self.error = str(doc.get("message") or "the device reported an error")
+            elif ctl.type == "error":
+                self.error = ctl.message or "the device reported an error"
                 raise UpstreamFailed(self.error)
         return b""
 
@@ -476,12 +476,18 @@ class Tunnel:
         self.end.outbox.close()
 
 
-def _control(text: str) -> dict[str, Any]:
+class _Control(msgspec.Struct):
+    """A session's text message (ADR 0016): ``eof``, or ``error`` with its message."""
+
+    type: str = ""
+    message: str = ""
+
+
+def _control(text: str) -> _Control:
     try:
-        doc = json.loads(text)
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
+        return msgspec.json.decode(text, type=_Control)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _Control()
 
 
 # --- grants and the pool of connections ----------------------------------------------------------
