@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import json
 import os
@@ -136,6 +137,9 @@ class Asciicast:
     started: float
     env: dict[str, str] = field(default_factory=dict)
     title: str = ""
+    #: output arrives in chunks that may split a UTF-8 character: decoded across chunks
+    _decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"), repr=False)
 
     def header(self) -> None:
         doc: dict[str, object] = {"version": 2, "width": self.width, "height": self.height,
@@ -150,7 +154,9 @@ class Asciicast:
         self.out.write(json.dumps([round(at - self.started, 6), kind, data]) + "\n")
 
     def output(self, at: float, data: bytes) -> None:
-        self.event(at, "o", data.decode("utf-8", "replace"))
+        text = self._decoder.decode(data)
+        if text:
+            self.event(at, "o", text)
 
     def resize(self, at: float, cols: int, rows: int) -> None:
         self.event(at, "r", f"{cols}x{rows}")

@@ -209,11 +209,12 @@ class Relay:
 
     # --- the operator's side ---
 
-    async def operator(self, ws: WebSocket, session_id: str, token: str, who: Principal | None) -> None:
+    async def operator(self, ws: WebSocket, session_id: str, token: str, who: Principal | None,
+                       unauthenticated: str = "no credentials") -> None:
         """The operator's WebSocket: check the token, open the session on the device, and relay
         until either side ends: in the relay worker when the connection can be handed over (not
         accepted yet), else here (accepted here if the caller has not)."""
-        s = await self._claim(session_id, token, who)
+        s = await self._claim(session_id, token, who, unauthenticated)
         in_worker = handover.detachable(ws)
         if s is None or not in_worker:
             if getattr(ws, "application_state", None) == WebSocketState.CONNECTING:
@@ -292,7 +293,8 @@ class Relay:
             await db.execute(update(RemoteSession).where(RemoteSession.id == s.id)
                              .values(status="open", opened_at=time.time()))
 
-    async def _claim(self, session_id: str, token: str, who: Principal | None) -> RemoteSession | None:
+    async def _claim(self, session_id: str, token: str, who: Principal | None,
+                     unauthenticated: str) -> RemoteSession | None:
         """Use the operator's token, once: refused (and audited) when it is unknown, used, expired,
         or presented by someone else than the user it was issued to."""
         ctx = self.ctx
@@ -306,7 +308,9 @@ class Relay:
                 why = "the token was already used"
             elif s.expires_at < now:
                 why = "the token expired"
-            elif who is None or who.user_id != s.user_id:
+            elif who is None:  # why the socket's credentials were refused
+                why = unauthenticated or "no credentials"
+            elif who.user_id != s.user_id:
                 why = "the token was issued to another user"
             elif not who.may_access_devices:
                 why = f"{who.name} does not have the remote-access permission"

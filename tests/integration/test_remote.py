@@ -177,6 +177,10 @@ def test_tokens_are_single_use_and_bound_to_their_user_and_roles_are_checked(ser
     with ws_connect(s, url, olga) as ws, pytest.raises(ConnectionClosed) as closed:
         ws.recv(timeout=10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+    # no credentials with the token: refused, and the audit says why
+    with connect(url, open_timeout=10) as ws, pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
     # the right user: a shell
     with ws_connect(s, url) as ws:
         ws.send(b"stty size; exit 0\n")
@@ -186,6 +190,7 @@ def test_tokens_are_single_use_and_bound_to_their_user_and_roles_are_checked(ser
         ws.recv(timeout=10)
     refusals = [e["detail"]["reason"] for e in audit_actions(s) if e["action"] == "session.refused"]
     assert "the token was issued to another user" in refusals and "the token was already used" in refusals
+    assert any(r.startswith("the socket's credentials were refused: ") for r in refusals), refusals
     # who may open sessions at all
     viewer = s.make_user("vera", "viewer")
     r = s.api("POST", f"/devices/{dev}/sessions", token=viewer, json={"kind": "terminal"})

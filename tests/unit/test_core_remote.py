@@ -91,11 +91,12 @@ def test_an_asciicast_v2_recording_round_trips() -> None:
     cast.header()
     cast.output(1000.5, b"$ echo hi\r\nhi\r\n")
     cast.resize(1001.25, 100, 30)
-    cast.output(1002.0, "é".encode()[:1])  # a split UTF-8 sequence does not break the file
+    cast.output(1002.0, "é".encode()[:1])  # a character split across two chunks is kept whole
+    cast.output(1002.5, "é".encode()[1:] + b"!")
     header, events = read_asciicast(out.getvalue().splitlines())
     assert header == {"version": 2, "width": 80, "height": 24, "timestamp": 1000, "title": "device d1",
                       "env": {"SHELL": "/bin/sh"}}
     assert events[:2] == [[0.5, "o", "$ echo hi\r\nhi\r\n"], [1.25, "r", "100x30"]]
-    assert events[2][:2] == [2.0, "o"]
+    assert events[2:] == [[2.5, "o", "é!"]]
     with pytest.raises(InvalidInput):
         read_asciicast(['{"version": 1}'])

@@ -72,12 +72,13 @@ async def create_session(device_id: str, body: SessionIn, ctx: Ctx, who: Operato
 @router.websocket("/sessions/{session_id}/ws")
 async def session_ws(ws: WebSocket, session_id: str, token: str = Query(default="", max_length=200)) -> None:
     ctx: ServerContext = ws.app.state.ctx
+    who, why = None, ""
     try:
         who = await principal_of(ws, ctx)
-    except CorralError:
-        who = None  # refused below, with the reason audited
+    except CorralError as e:
+        why = f"the socket's credentials were refused: {e}"  # refused by the relay, with this reason audited
     assert ctx.relay is not None  # it accepts the socket, or hands it over to the relay worker
-    await ctx.relay.operator(ws, session_id, token, who)
+    await ctx.relay.operator(ws, session_id, token, who, why)
 
 
 @router.get("/sessions", response_model=list[SessionOut], summary="Remote-access sessions, newest first (admin)")
