@@ -84,6 +84,11 @@ async def device_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "http.response.body", "body": big_body(size)[i:i + 100_000], "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         return
+    elif path == "/broken":  # half a download, then the app fails
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream"), (b"content-length", b"2000000")]})
+        await send({"type": "http.response.body", "body": big_body(1_000_000), "more_body": True})
+        raise RuntimeError("the device's app broke down (on purpose)")
     elif path == "/redirect":
         status, extra = 302, [(b"location", b"/landing?from=root")]
     elif path == "/redirect-abs":
@@ -351,6 +356,11 @@ def test_refusals_are_clear_and_open_nothing(server: ServerProc, device: Device)
         # the app hangs up without answering: a 502 that says so
         r = c.get(f"/devices/{dev}/proxy/{dying.port}/anything", follow_redirects=True)
         assert r.status_code == 502 and "closed the connection" in r.json()["detail"], r.text
+        # the app breaks down in the middle of a download: the browser sees it cut short, not whole
+        with pytest.raises(httpx.RemoteProtocolError), c.stream("GET", f"{prefix}/broken") as r:
+            assert r.status_code == 200
+            for _ in r.iter_bytes():
+                pass
         # the app is gone altogether
         app.stop()
         r = c.get(f"{prefix}/", headers={"cache-control": "no-cache"})
