@@ -944,6 +944,8 @@ async def _deny(ws: WebSocket, e: CorralError) -> None:
         await ws.close(1008 if status < 500 else 1011, e.detail[:120])
 
 
+#: how long the app has to answer a close the browser started
+CLOSE_WAIT = 2.0
 #: close codes a peer may not send (RFC 6455 §7.4.1), and what the other side is told instead
 _UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
 
@@ -1038,7 +1040,9 @@ class _Upstream:
 
         tasks = [asyncio.create_task(from_browser()), asyncio.create_task(from_app())]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks[0] in done and not tasks[1].done():  # the app's answer to the close, briefly
+                await asyncio.wait([tasks[1]], timeout=CLOSE_WAIT)
         finally:
             for task in tasks:
                 task.cancel()

@@ -29,6 +29,8 @@ from tests.conftest import AgentProc, ServerProc, free_port, start_agent, wait_u
 from tests.integration.test_remote import EchoServer
 
 ASSETS = 20
+#: the close codes the device's app received from its WebSocket clients
+APP_CLOSES: list[int | None] = []
 BLOCK = hashlib.sha256(b"corral").digest() * 2048  # 64 KiB
 
 
@@ -48,6 +50,7 @@ async def device_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         while True:
             m = await receive()
             if m["type"] == "websocket.disconnect":
+                APP_CLOSES.append(m.get("code"))
                 return
             if m.get("text") == "bye":
                 await send({"type": "websocket.close", "code": 4001, "reason": "bye yourself"})
@@ -303,10 +306,12 @@ def test_a_websocket_through_the_proxy(server: ServerProc, device: Device) -> No
             ws.recv(timeout=15)
     rcvd = closed.value.rcvd
     assert rcvd is not None and (rcvd.code, rcvd.reason) == (4001, "bye yourself")
-    # the browser closing with a code: the session ends
+    # the browser closing with a code: the app is told that code, and the session ends
     with connect(url, open_timeout=20) as ws:
         ws.send("x")
         assert ws.recv(timeout=15) == "echo:x"
+        ws.close(4002, "done here")
+    wait_until(lambda: 4002 in APP_CLOSES, what="the app told the browser's close code")
     wait_until(lambda: all(x["status"] != "open" for x in forward_sessions(s)), what="the sessions closed")
 
 
