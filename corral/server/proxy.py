@@ -78,6 +78,8 @@ class ProxySettings:
     grant_max_seconds: float = 12 * 3600
     #: the largest WebSocket message relayed either way (a larger one closes with 1009)
     max_ws_message: int = 4 << 20
+    #: the device's connection and the app's answer to a WebSocket upgrade, at most
+    ws_handshake_seconds: float = 30.0
     #: cookies the device may keep per grant, and their size each
     max_cookies: int = 50
     max_cookie_bytes: int = 4096
@@ -921,7 +923,12 @@ async def websocket(ws: WebSocket, device_id: str, port: str, path: str) -> None
                                  ws.scope.get("query_string", b"")).decode("latin-1")
         t = await proxy.open(route.grant, "")
         upstream = _Upstream(t, route.grant, target, proxy.settings.max_ws_message)
-        early = await upstream.handshake(ws.scope.get("subprotocols") or [])
+        try:
+            early = await asyncio.wait_for(upstream.handshake(ws.scope.get("subprotocols") or []),
+                                           proxy.settings.ws_handshake_seconds)
+        except TimeoutError:
+            raise UpstreamFailed(f"the app on the device did not answer the WebSocket handshake in "
+                                 f"{proxy.settings.ws_handshake_seconds:g} s") from None
     except CorralError as e:
         if t is not None:
             t.shut()
@@ -938,10 +945,11 @@ async def _deny(ws: WebSocket, e: CorralError) -> None:
     status = 502 if isinstance(e, UpstreamFailed) else status_for(e)
     # (uvicorn 0.54's sans-I/O WebSocket logs "returned without completing handshake" after a
     # denial response it did send: the client gets the status and the reason all the same)
-    if "websocket.http.response" in ws.scope.get("extensions", {}):
-        await ws.send_denial_response(JSONResponse({"error": e.code, "detail": e.detail}, status_code=status))
-    else:
-        await ws.close(1008 if status < 500 else 1011, e.detail[:120])
+    with contextlib.suppress(OSError, RuntimeError):  # the browser may have gone
+        if "websocket.http.response" in ws.scope.get("extensions", {}):
+            await ws.send_denial_response(JSONResponse({"error": e.code, "detail": e.detail}, status_code=status))
+        else:
+            await ws.close(1008 if status < 500 else 1011, e.detail[:120])
 
 
 #: how long the app has to answer a close the browser started

@@ -46,6 +46,9 @@ async def device_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path = scope["path"]
     if scope["type"] == "websocket":
         await receive()
+        if path != "/ws":
+            await send({"type": "websocket.close", "code": 1008})  # refused: 403
+            return
         await send({"type": "websocket.accept", "subprotocol": (scope.get("subprotocols") or [None])[0]})
         while True:
             m = await receive()
@@ -312,6 +315,11 @@ def test_a_websocket_through_the_proxy(server: ServerProc, device: Device) -> No
         assert ws.recv(timeout=15) == "echo:x"
         ws.close(4002, "done here")
     wait_until(lambda: 4002 in APP_CLOSES, what="the app told the browser's close code")
+    # the app refuses the upgrade: the browser is refused too, with the reason
+    with pytest.raises(InvalidStatus) as refused:
+        connect(s.url.replace("http://", "ws://") + f"{prefix}/not-a-socket", open_timeout=20)
+    assert refused.value.response.status_code == 502
+    assert b"refused the WebSocket" in refused.value.response.body and b"403" in refused.value.response.body
     wait_until(lambda: all(x["status"] != "open" for x in forward_sessions(s)), what="the sessions closed")
 
 
