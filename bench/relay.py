@@ -24,7 +24,7 @@ loopback, and a target process (uvloop) on the same loopback that the device for
    added p99: Corral's p99 − the local PTY's p99.
 3. **Idle sessions.** ``--idle`` forward sessions to the echo target, opened 16 at a time, each
    checked with one byte echoed, then left idle; the growth of the resident memory (RSS) of the
-   server and of the agent ÷ the sessions, after both are quiet, beside a warm-up of 10 sessions
+   server and of the agent ÷ the sessions, after both are quiet, beside a warm-up of 100 sessions
    opened and closed first (so that what is loaded once is not counted per session). Without
    compression first, then with permessage-deflate on a restarted server (a fresh process: the
    first round's freed memory would be reused). **Reference**: a bare uvicorn with the server's
@@ -97,6 +97,9 @@ MB = 1e6
 CHUNK = 32 * 1024  # the CLI's message size (corral.cli.remote.CHUNK)
 KEY_GAP = 0.005
 TELEMETRY_INTERVAL = 0.1
+#: sessions opened and closed before the idle ones are counted: what is loaded or cached once
+#: (the database's page caches, the allocator's pools) is not a cost per session
+WARM_SESSIONS = 100
 READY_CMD = b"stty raw -echo; echo RE''ADY; exec cat\n"
 
 
@@ -686,7 +689,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             deadline = time.monotonic() + 60
             while True:  # warm-up (and, after a restart, until the device is back)
                 try:
-                    warm, _ = await open_idle(op, ports["echo"], 10)
+                    warm, _ = await open_idle(op, ports["echo"], WARM_SESSIONS)
                     break
                 except RuntimeError:
                     if time.monotonic() > deadline:
@@ -924,9 +927,10 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
         f"running `stty raw -echo; exec cat`, {a.keys} one-byte keystrokes 5 ms apart, each timed from the send "
         "to its echo; reference: the same command on a local PTY driven by the benchmark, in alternating halves. "
         f"**Idle sessions**: {a.idle} forward sessions to the echo target opened 16 at a time, each checked with "
-        "one echoed byte, then idle; the RSS growth of the server and of the agent ÷ the sessions once both are "
-        "quiet (after 10 warm-up sessions opened and closed): first without compression, then, on a freshly "
-        "restarted server (freed memory would otherwise be reused), with permessage-deflate. Reference: a bare "
+        "one echoed byte, then idle; the RSS growth of the server (its process and its relay worker) and of the "
+        f"agent ÷ the sessions once both are quiet (after {WARM_SESSIONS} warm-up sessions opened and closed): first "
+        "without compression, then, on a freshly restarted server (freed memory would otherwise be reused), "
+        "offering permessage-deflate. Reference: a bare "
         "uvicorn (the server's settings, a plain ASGI app) holding the same two WebSockets per session. The 20 KB "
         "goal is held to the server and to the agent, each on its own. "
         f"**Telemetry**: {a.telemetry_devices} more devices (real agents in one process) reporting every "
