@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -86,8 +87,8 @@ async def device_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         size = int(scope["query_string"].decode().split("=")[1])
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/octet-stream")]})
-        for i in range(0, size, 100_000):
-            await send({"type": "http.response.body", "body": big_body(size)[i:i + 100_000], "more_body": True})
+        for i in range(0, size, len(BLOCK)):  # big_body(size), a block at a time
+            await send({"type": "http.response.body", "body": BLOCK[:size - i], "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         return
     elif path == "/broken":  # half a download, then the app fails
@@ -238,6 +239,21 @@ def test_a_page_its_assets_a_post_a_download_and_redirects(server: ServerProc, d
                 got += len(chunk)
         assert got == size and digest.hexdigest() == hashlib.sha256(big_body(size)).hexdigest()
 
+        # a browser that reads slowly slows the device down: nothing piles up in the server
+        def rss() -> int:  # the server's and its children's (a relay worker)
+            server_proc = psutil.Process(s.proc.pid)
+            return sum(p.memory_info().rss for p in [server_proc, *server_proc.children(recursive=True)])
+
+        before_rss = rss()
+        with cookieless.stream("GET", f"{prefix}/big?size={96 << 20}") as r:
+            chunks = r.iter_bytes()
+            got = len(next(chunks))
+            time.sleep(3)
+            grown = rss() - before_rss
+            assert grown < 24 << 20, f"the server grew by {grown >> 20} MiB for a 96 MiB answer read slowly"
+            for chunk in chunks:
+                got += len(chunk)
+        assert got == 96 << 20
         # redirects to the device's root stay in the proxy; others are left alone
         r = cookieless.get(f"{prefix}/redirect", follow_redirects=False)
         assert r.status_code == 302 and r.headers["location"] == f"{prefix}/landing?from=root"
