@@ -97,6 +97,11 @@ MB = 1e6
 CHUNK = 32 * 1024  # the CLI's message size (corral.cli.remote.CHUNK)
 KEY_GAP = 0.005
 TELEMETRY_INTERVAL = 0.1
+#: how the processes that stand in for other machines run (the device's agent and its forward
+#: targets, the operators' load): at the lowest CPU priority, so that on a 2-core machine the
+#: figures show the server (its process and its relay worker) rather than the machine being
+#: oversubscribed by the benchmark's own stand-ins. The measuring clients run at normal priority.
+STAND_IN = ["nice", "-n", "19"]
 #: sessions opened and closed before the idle ones are counted: what is loaded or cached once
 #: (the database's page caches, the allocator's pools) is not a cost per session
 WARM_SESSIONS = 100
@@ -661,7 +666,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     try:
         server.init()
         server.start()
-        target = _Proc([PY, "-m", "bench.relay", "--role", "target", "--size", str(a.size)], tmp / "target.log")
+        target = _Proc([*STAND_IN, PY, "-m", "bench.relay", "--role", "target", "--size", str(a.size)],
+                       tmp / "target.log")
         ports = target.read()
         with server.client() as c:
             token = c.post("/enrollment-tokens", json={"description": "bench relay"}).raise_for_status().json()["token"]
@@ -669,7 +675,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         config.write_text("[telemetry]\nenabled = false\n[remote]\nmax_sessions = 8\nidle_timeout = 3600\n")
         agent_log = tmp / "agent.log"
         with agent_log.open("ab") as out:
-            agent = subprocess.Popen([PY, "-m", "corral", "agent", "--server", server.url, "--state-dir",
+            agent = subprocess.Popen([*STAND_IN, PY, "-m", "corral", "agent", "--server", server.url, "--state-dir",
                                       str(tmp / "agent"), "--enroll-token", token, "--config", str(config)],
                                      stdout=out, stderr=subprocess.STDOUT,
                                      env={**os.environ, "CORRAL_LOG_LEVEL": "WARNING"})
@@ -801,7 +807,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                   f"{rep['batches']} batches, {windows[name]}", flush=True)
 
         def busy(rate_kbs: float, compression: str = "deflate") -> _Proc:
-            load = _Proc([PY, "-m", "bench.relay", "--role", "load", "--server", server.url, "--token", server.token,
+            load = _Proc([*STAND_IN, PY, "-m", "bench.relay", "--role", "load", "--server", server.url,
+                          "--token", server.token,
                           "--device", device, "--echo-port", str(ports["echo"]), "--sessions", str(a.busy),
                           "--rate", str(rate_kbs * 1000), "--duration", str(a.window + 2),
                           "--compression", compression], tmp / "load.log")
@@ -938,7 +945,9 @@ def _figures(result: dict[str, Any], a: argparse.Namespace, size: int, has_socat
         f"with {a.busy} forward sessions on the first agent each pushing 32 KiB messages to the echo target and "
         f"reading them back (as fast as they can, with permessage-deflate and without compression; then at "
         f"{a.busy_rate:g} KB/s each), driven by a separate process. All on one machine: the load generator, the "
-        "target, the server, both agents and the benchmark share its CPUs.")
+        "target, the server, both agents and the benchmark share its CPUs; the device's agent, the forward targets and "
+        "the load generator stand in for other machines and run at nice 19 (the server's relay worker runs at "
+        "nice 10 by design, ADR 0016; the server's process, the telemetry devices and the measuring client at 0).")
 
 
 def _parser() -> argparse.ArgumentParser:
