@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import email.utils
 import hashlib
+import hmac
 import logging
 import re
 import secrets
@@ -503,6 +504,8 @@ class Grant:
     cap: str
     who: Principal
     credential: str
+    #: the network address of the browser that last opened it through the console
+    client: str
     device_id: str
     port: int
     created: float
@@ -533,17 +536,20 @@ class DeviceProxy:
 
     # grants
 
-    async def grant(self, who: Principal, credential: str, device_id: str, port: int, request_id: str) -> Grant:
-        """The grant of ``who`` for this device port: the live one, or a new one (audited)."""
+    async def grant(self, who: Principal, credential: str, client: str, device_id: str, port: int,
+                    request_id: str) -> Grant:
+        """The grant of ``who`` for this device port: the live one, or a new one (audited).
+        ``client``: the address its capability is good from (the latest authenticated one)."""
         now = time.time()
         async with self._lock:
             g = self.by_key.get((who.user_id, device_id, port))
             if g is not None and self._alive(g, now):
-                g.used, g.who, g.credential, g.checked = now, who, credential, time.monotonic()
+                g.used, g.who, g.credential, g.client, g.checked = now, who, credential, client, time.monotonic()
                 return g
             await check_device(self.ctx, device_id)
             cap = secrets.token_urlsafe(32)
-            g = Grant(id=secrets.token_hex(6), cap=cap, who=who, credential=credential, device_id=device_id,
+            g = Grant(id=secrets.token_hex(6), cap=cap, who=who, credential=credential, client=client,
+                      device_id=device_id,
                       port=port, created=now, used=now, checked=time.monotonic(),
                       jar=CookieJar(self.settings.max_cookies, self.settings.max_cookie_bytes))
             async with self.ctx.writer() as db:
@@ -554,11 +560,16 @@ class DeviceProxy:
         self._start_reaper()
         return g
 
-    async def by_capability(self, cap: str, device_id: str, port: int) -> Grant:
+    async def by_capability(self, cap: str, device_id: str, port: int, client: str) -> Grant:
+        """The grant whose capability this is, for a request from ``client``: a link that leaked
+        (a device page's script can read its own address) is no use from another address."""
         g = self.by_cap.get(_digest(cap))
         now = time.time()
         if g is None or not self._alive(g, now) or g.device_id != device_id or g.port != port:
             raise NotFound("this link to the device's page is unknown or has expired: open it again from the console")
+        if not hmac.compare_digest(g.client, client):
+            raise Forbidden("this link to the device's page was opened from another network address: open it "
+                            "again from the console")
         if time.monotonic() - g.checked > 5.0:  # the user may have logged out or lost the permission
             conn = HTTPConnection({"type": "http", "headers": [(b"authorization", f"Bearer {g.credential}".encode())]})
             try:
@@ -693,7 +704,7 @@ async def _route(conn: HTTPConnection, device_id: str, port_text: str, path: str
     proxy = instance(conn)
     cap, rest = split_capability(path)
     if cap is not None:
-        g = await proxy.by_capability(cap, device_id, port)
+        g = await proxy.by_capability(cap, device_id, port, _client(conn))
         return _Route(g, proxy_prefix(device_id, port, cap), True), rest
     who = await principal_of(conn, proxy.ctx)
     if not who.may_access_devices:
@@ -707,12 +718,16 @@ async def _route(conn: HTTPConnection, device_id: str, port_text: str, path: str
                             "to the page's own address")
         if not entry_allowed(conn.scope["headers"]):
             raise Forbidden("a device's page opens from the console or the address bar, not from another site")
-    g = await proxy.grant(who, credential, device_id, port, getattr(conn.state, "request_id", "") or "")
+    g = await proxy.grant(who, credential, _client(conn), device_id, port, getattr(conn.state, "request_id", "") or "")
     if from_cookie and conn.scope["type"] == "http":
         there = upstream_target(conn.scope.get("raw_path") or quote(conn.scope["path"]).encode(),
                                 proxy_prefix(device_id, port, None), conn.scope.get("query_string", b""))
         return proxy_prefix(device_id, port, g.cap) + there.decode("latin-1"), rest
     return _Route(g, proxy_prefix(device_id, port, None), False), rest
+
+
+def _client(conn: HTTPConnection) -> str:
+    return conn.client.host if conn.client else ""
 
 
 # --- HTTP ---------------------------------------------------------------------------------------

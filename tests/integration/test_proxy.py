@@ -291,6 +291,19 @@ def test_the_operators_credentials_never_reach_the_device(server: ServerProc, de
         assert seen["host"] == f"localhost:{app.port}" and seen["origin"] == f"http://localhost:{app.port}"
         # the console's own cookie is still ours, untouched by the device
         assert c.cookies["corral_session"] == s.admin_token
+    # the page's address is good only from where it was opened: a leaked link is no use elsewhere
+    with browser(s) as c:
+        _, prefix = open_page(c, dev, app.port)
+        elsewhere = httpx.Client(base_url=s.url, timeout=30, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        r = elsewhere.get(f"{prefix}/headers")
+        assert r.status_code == 403 and "another network address" in r.json()["detail"], r.text
+        # opened again from there through the console, it moves there
+        elsewhere.cookies.set("corral_session", s.admin_token)
+        r = elsewhere.get(f"/devices/{dev}/proxy/{app.port}/headers", headers={"sec-fetch-site": "same-origin"})
+        assert r.status_code == 303 and r.headers["location"].startswith(prefix)
+        assert elsewhere.get(f"{prefix}/headers").status_code == 200
+        assert c.get(f"{prefix}/headers").status_code == 403
+        elsewhere.close()
     # the page's address ends with the login that opened it
     olga = s.make_user("olga", "operator")
     assert s.api("PATCH", "/users/olga", json={"remote_access": True}).status_code == 200
