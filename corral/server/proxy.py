@@ -210,10 +210,11 @@ def rewrite_location(value: str, prefix: str, port: int) -> str:
 
 
 def response_headers(headers: Iterable[tuple[bytes, bytes]], prefix: str, port: int, *,
-                     cors: bool) -> tuple[Headers, list[str]]:
+                     cors: bytes | None) -> tuple[Headers, list[str]]:
     """(what goes to the browser, the ``Set-Cookie`` values for the grant's jar). Every response
-    is sandboxed; ``cors``: the capability's responses are readable by the sandboxed page
-    itself, whose opaque origin makes its ``fetch``es, module scripts and fonts cross-origin."""
+    is sandboxed; ``cors`` (the request's ``Origin``, ``b""`` without one): the capability's
+    responses are readable by the sandboxed page itself, whose opaque origin makes its
+    ``fetch``es, module scripts and fonts cross-origin (:func:`cors_headers`)."""
     headers = list(headers)
     drop = HOP_BY_HOP | DROP_RESPONSE | _connection_tokens(headers)
     out: Headers = []
@@ -227,15 +228,29 @@ def response_headers(headers: Iterable[tuple[bytes, bytes]], prefix: str, port: 
         if name in (b"location", b"content-location"):
             v = rewrite_location(v.decode("latin-1"), prefix, port).encode("latin-1")
         out.append((name, v))
-    out += security_headers(cors)
+    out += security_headers()
+    if cors is not None:
+        out += cors_headers(cors, [k for k, _ in out])
     return out, cookies
 
 
-def security_headers(cors: bool) -> Headers:
-    out: Headers = [(b"content-security-policy", SANDBOX.encode()), (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"), (b"cross-origin-resource-policy", b"cross-origin")]
-    if cors:
-        out += [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", b"*")]
+def security_headers() -> Headers:
+    return [(b"content-security-policy", SANDBOX.encode()), (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer"), (b"cross-origin-resource-policy", b"cross-origin")]
+
+
+def cors_headers(origin: bytes, exposed: Iterable[bytes] = ()) -> Headers:
+    """Who may read a capability's response: anyone holding the capability (``*``); and the
+    sandboxed page's own opaque origin (``null``) even with ``credentials: "include"`` — there is
+    nothing for it to carry (the console's cookie is ``SameSite=Strict``, the device's are kept
+    by the server), so an app that asks for credentials works as it would at home."""
+    if origin != b"null":
+        return [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", b"*")]
+    out: Headers = [(b"access-control-allow-origin", b"null"), (b"access-control-allow-credentials", b"true"),
+                    (b"vary", b"origin")]
+    names = b", ".join(sorted(set(exposed)))
+    if names:
+        out.append((b"access-control-expose-headers", names))
     return out
 
 
@@ -247,8 +262,8 @@ def preflight(headers: Iterable[tuple[bytes, bytes]]) -> Headers | None:
     method = h.get(b"access-control-request-method")
     if method is None or b"origin" not in h:
         return None
-    out: Headers = [(b"access-control-allow-origin", b"*"), (b"access-control-allow-methods", method),
-                    (b"access-control-max-age", b"600"), (b"vary", b"origin")]
+    out: Headers = [*cors_headers(h[b"origin"]), (b"access-control-allow-methods", method),
+                    (b"access-control-max-age", b"600")]
     if b"access-control-request-headers" in h:
         out.append((b"access-control-allow-headers", h[b"access-control-request-headers"]))
     return out
@@ -746,7 +761,7 @@ async def http(request: Request, device_id: str, port: str, path: str) -> Respon
         return RedirectResponse(f"/login?next={quote(here, safe='')}", status_code=303)
     if isinstance(route, str):
         return RedirectResponse(route, status_code=303, headers=dict(
-            (k.decode(), v.decode()) for k, v in security_headers(False)))
+            (k.decode(), v.decode()) for k, v in security_headers()))
     if route.cap and request.method == "OPTIONS":
         allowed = preflight(request.scope["headers"])
         if allowed is not None:
@@ -764,6 +779,7 @@ class _Exchange(Response):
         self.request_id = request_id
         self.started = False
         self.released = False
+        self.origin = b""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -778,6 +794,7 @@ class _Exchange(Response):
 
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         g, port = self.route.grant, self.route.grant.port
+        self.origin = next((v for k, v in scope["headers"] if k == b"origin"), b"")
         target = upstream_target(scope.get("raw_path") or scope["path"].encode(), self.route.prefix,
                                  scope.get("query_string", b""))
         first = await receive()
@@ -876,7 +893,8 @@ class _Exchange(Response):
             event = await _next_event(t)
             if isinstance(event, h11.Response):
                 break
-        headers, cookies = response_headers(event.headers.raw_items(), self.route.prefix, g.port, cors=self.route.cap)
+        headers, cookies = response_headers(event.headers.raw_items(), self.route.prefix, g.port,
+                                            cors=self.origin if self.route.cap else None)
         now = time.time()
         for c in cookies:
             g.jar.store(c, target, now)

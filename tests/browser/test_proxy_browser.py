@@ -23,7 +23,7 @@ SCRIPT = b"""
 const show = (id, text) => { document.getElementById(id).textContent = text; };
 show("origin", "origin " + window.origin);
 try { show("cookie", "cookie " + document.cookie); } catch (e) { show("cookie", "cookie blocked"); }
-fetch("data.json").then(r => r.json()).then(d => show("data", "data " + d.answer),
+fetch("data.json", {credentials: "include"}).then(r => r.json()).then(d => show("data", "data " + d.answer),
                                           e => show("data", "data failed " + e));
 const ws = new WebSocket(location.href.replace(/^http/, "ws").replace(/[^/]*$/, "") + "ws");
 ws.onopen = () => ws.send("ping");

@@ -79,7 +79,7 @@ def test_response_headers_are_sandboxed_and_the_device_sets_nothing_on_our_host(
            (b"Clear-Site-Data", b'"*"'), (b"Access-Control-Allow-Origin", b"https://evil"),
            (b"Transfer-Encoding", b"chunked"), (b"Content-Security-Policy", b"default-src 'self'"),
            (b"Service-Worker-Allowed", b"/")]
-    out, cookies = response_headers(raw, PREFIX, 8080, cors=True)
+    out, cookies = response_headers(raw, PREFIX, 8080, cors=b"")
     names = [k for k, _ in out]
     assert cookies == ["sid=1; Path=/"]
     for gone in (b"set-cookie", b"www-authenticate", b"strict-transport-security", b"clear-site-data",
@@ -93,14 +93,20 @@ def test_response_headers_are_sandboxed_and_the_device_sets_nothing_on_our_host(
     assert SANDBOX.encode() in csps and b"default-src 'self'" in csps
     assert b"allow-same-origin" not in SANDBOX.encode()
     assert d[b"x-content-type-options"] == b"nosniff" and d[b"referrer-policy"] == b"no-referrer"
-    out, _ = response_headers([], "/devices/d1/proxy/80", 80, cors=False)
+    out, _ = response_headers([], "/devices/d1/proxy/80", 80, cors=None)
     assert b"access-control-allow-origin" not in dict(out)
+    # the sandboxed page itself (origin null) may read them even with credentials: it has none of ours
+    out, _ = response_headers([(b"content-type", b"text/plain"), (b"x-app", b"1")], PREFIX, 8080, cors=b"null")
+    d = dict(out)
+    assert (d[b"access-control-allow-origin"], d[b"access-control-allow-credentials"]) == (b"null", b"true")
+    assert b"x-app" in d[b"access-control-expose-headers"].split(b", ")
 
 
 def test_preflights_are_answered_by_the_proxy() -> None:
     got = preflight([(b"origin", b"null"), (b"access-control-request-method", b"PUT"),
                      (b"access-control-request-headers", b"content-type")])
     assert got is not None and dict(got)[b"access-control-allow-methods"] == b"PUT"
+    assert dict(got)[b"access-control-allow-origin"] == b"null"
     assert dict(got)[b"access-control-allow-headers"] == b"content-type"
     assert preflight([(b"origin", b"null")]) is None  # a plain OPTIONS: the device's
     assert preflight([(b"access-control-request-method", b"PUT")]) is None
