@@ -1,7 +1,8 @@
 """A device's web UI through the proxy in a real browser (issue 6, ADR 0018): the operator logs in
 to the console, opens the device's page, and the page's relative assets, its `fetch` and its
 WebSocket work — while the page, sandboxed, can neither read the console's cookie nor call
-Corral's API with the operator's login."""
+Corral's API with the operator's login; its form logs in to the device, whose cookie the server
+keeps."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.integration.test_proxy import DeviceApp
 PAGE = b"""<!doctype html><meta charset=utf-8><title>device ui</title>
 <link rel=stylesheet href="style.css">
 <p id=origin></p><p id=cookie></p><p id=data></p><p id=ws></p><p id=api></p>
+<form method=post action="login"><input name=user value=olga><button>Log in to the device</button></form>
 <script src="app.js"></script>"""
 
 SCRIPT = b"""
@@ -43,6 +45,22 @@ async def ui(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "websocket.send", "text": "pong to " + (m.get("text") or "")})
         return
     if scope["type"] != "http":
+        return
+    body = b""
+    while (m := await receive()).get("more_body"):
+        body += m.get("body", b"")
+    body += m.get("body", b"")
+    headers = dict(scope["headers"])
+    if scope["path"] == "/login" and scope["method"] == "POST":  # the device's own login: a cookie
+        cookie = b"sid=" + body.split(b"=")[1] + b"; Path=/"
+        await send({"type": "http.response.start", "status": 303,
+                    "headers": [(b"location", b"/welcome"), (b"set-cookie", cookie)]})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if scope["path"] == "/welcome":
+        page = b"<!doctype html><title>welcome</title><p id=who>" + headers.get(b"cookie", b"nobody") + b"</p>"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/html")]})
+        await send({"type": "http.response.body", "body": page})
         return
     files = {"/": (b"text/html", PAGE), "/app.js": (b"text/javascript", SCRIPT),
              "/style.css": (b"text/css", b"p { font-family: monospace }"),
@@ -83,3 +101,10 @@ def test_a_devices_page_works_sandboxed_with_its_websocket(tab: BrowserPage, con
     assert any(url.endswith(entry) and "corral_session=" in cookie for url, cookie in sent), sent
     asked = [(url, cookie) for url, cookie in sent if url.endswith(("app.js", "style.css", "data.json", "whoami"))]
     assert len(asked) == 4 and not any("corral_session" in cookie for _, cookie in asked), sent
+    # its form posts to the device, whose login cookie the server keeps and sends back: the
+    # device's redirect to its root stays in the proxy
+    page.get_by_role("button", name="Log in to the device").click()
+    page.wait_for_url("**/welcome")
+    assert f"/devices/{console.device_id}/proxy/{device_ui.port}/~" in page.url
+    assert page.locator("#who").inner_text() == "sid=olga"
+    assert not [c for c in page.context.cookies() if c["name"] == "sid"]  # not in the browser
