@@ -223,6 +223,10 @@ def test_a_page_its_assets_a_post_a_download_and_redirects(server: ServerProc, d
         # a chunked body of unknown length
         r = cookieless.post(f"{prefix}/echo", content=iter([b"a" * 70_000, b"b" * 70_000]))
         assert r.json()["size"] == 140_000
+        # over the server's limit for request bodies (1 MiB): refused with the reason, told or not in advance
+        for content in (b"x" * (2 << 20), iter([b"x" * 600_000] * 4)):
+            r = cookieless.post(f"{prefix}/echo", content=content)
+            assert r.status_code == 413 and "larger than" in r.json()["detail"], r.text
         # a CORS preflight from the sandboxed page is answered by the proxy
         r = cookieless.options(f"{prefix}/echo", headers={"origin": "null", "access-control-request-method": "PUT",
                                                            "access-control-request-headers": "content-type"})
