@@ -13,7 +13,8 @@ the console's origin: every response carries ``Content-Security-Policy: sandbox`
 A sandboxed page's own requests carry none of the console's ``SameSite`` cookies, so the
 browser reaches the proxy through a **capability URL**: the console's cookie (or a bearer
 token) at ``/devices/ID/proxy/PORT/…`` buys a grant, bound to (user, device, port) and audited
-once (``session.proxy``), and the browser is redirected to ``/devices/ID/proxy/PORT/~CAP/…``,
+once (``session.proxy``), and the browser is redirected to ``/devices/ID/proxy/PORT/~CAP/…``
+(good from that browser's network address only, until the login ends or it is left unused),
 under which relative assets, forms and WebSockets work without any cookie. The device's own
 cookies are kept on the server, per grant (:class:`CookieJar`): the browser never stores a
 cookie the device sets on the console's host. Nothing of the operator's credentials reaches the
@@ -955,10 +956,10 @@ async def websocket(ws: WebSocket, device_id: str, port: str, path: str) -> None
         target = upstream_target(ws.scope.get("raw_path") or ws.scope["path"].encode(), route.prefix,
                                  ws.scope.get("query_string", b"")).decode("latin-1")
         t = await proxy.open(route.grant, "")
-        upstream = _Upstream(t, route.grant, target, proxy.settings.max_ws_message)
+        upstream = _Upstream(t, route.grant, target, proxy.settings.max_ws_message,
+                             list(ws.scope.get("subprotocols") or []))
         try:
-            early = await asyncio.wait_for(upstream.handshake(ws.scope.get("subprotocols") or []),
-                                           proxy.settings.ws_handshake_seconds)
+            early = await asyncio.wait_for(upstream.handshake(), proxy.settings.ws_handshake_seconds)
         except TimeoutError:
             raise UpstreamFailed(f"the app on the device did not answer the WebSocket handshake in "
                                  f"{proxy.settings.ws_handshake_seconds:g} s") from None
@@ -994,12 +995,14 @@ _UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
 class _Upstream:
     """The app's WebSocket over the tunnel (``websockets``' sans-I/O client)."""
 
-    def __init__(self, t: Tunnel, g: Grant, target: str, max_size: int) -> None:
+    def __init__(self, t: Tunnel, g: Grant, target: str, max_size: int, subprotocols: list[str]) -> None:
         self.t = t
         self.g = g
         self.target = target
-        self.max_size = max_size
-        self.proto = ClientProtocol(parse_uri(f"ws://{TARGET_HOST}:{g.port}{target}"))
+        #: offering the browser's subprotocols, without compression (the browser's own leg may have it)
+        self.proto = ClientProtocol(parse_uri(f"ws://{TARGET_HOST}:{g.port}{target}"),
+                                    origin=Origin(f"http://{TARGET_HOST}:{g.port}"),
+                                    subprotocols=[Subprotocol(s) for s in subprotocols] or None, max_size=max_size)
         self._write = asyncio.Lock()
 
     async def flush(self) -> None:
@@ -1008,13 +1011,9 @@ class _Upstream:
             if data:
                 await self.t.send(data)
 
-    async def handshake(self, subprotocols: list[str]) -> list[Frame]:
+    async def handshake(self) -> list[Frame]:
         """Upgrade on the app; the frames that came with its answer. :class:`UpstreamFailed`
         when it refuses."""
-        self.proto = ClientProtocol(parse_uri(f"ws://{TARGET_HOST}:{self.g.port}{self.target}"),
-                                    origin=Origin(f"http://{TARGET_HOST}:{self.g.port}"),
-                                    subprotocols=[Subprotocol(s) for s in subprotocols] or None,
-                                    max_size=self.max_size)
         request = self.proto.connect()
         cookie = self.g.jar.header(self.target, time.time())
         if cookie:
