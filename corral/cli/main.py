@@ -286,7 +286,7 @@ DEVICE_COLUMNS: list[tuple[str, Any]] = [
 def device_list(
     selector: Annotated[str | None, typer.Option("--selector", "-s", help="e.g. 'tag.site == \"berlin\"'")] = None,
     status: Annotated[str | None, typer.Option("--status")] = None,
-    sort: Annotated[str, typer.Option("--sort", help="id, created_at, last_seen; -X descends")] = "id",
+    sort: Annotated[str, typer.Option("--sort", help="id, created_at, last_seen, name, version; -X descends")] = "id",
     limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
     json_out: JsonOpt = False, server: ServerOpt = None, token: TokenOpt = None,
 ) -> None:

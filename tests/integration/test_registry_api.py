@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
+from corral import protocol as p
 from tests.conftest import ServerProc
-from tests.integration.rawdevice import Key, connect_device
+from tests.integration.rawdevice import Key, codec, connect_device
 
 
 def enroll(server: ServerProc, n: int, tags: dict[str, str] | None = None) -> list[str]:
@@ -189,6 +190,67 @@ def test_paging_and_selectors(any_server: ServerProc) -> None:
 
     newcomer = asyncio.run(one())
     assert s.api("GET", f"/devices/{newcomer}").json()["groups"] == ["canary"]
+
+
+def enroll_reporting(server: ServerProc, inventories: list[dict[str, str]], tags: dict[str, str]) -> list[str]:
+    """Enroll devices that report an inventory each (host name, agent version); their ids, once the
+    server has stored what they reported."""
+    token = server.create_enrollment_token(tags=tags)
+
+    async def go() -> list[str]:
+        ids = []
+        for inv in inventories:
+            key = Key.new()
+            ws, _ = await connect_device(server.ws_url, key, token)
+            if inv:
+                await ws.send(codec.encode(p.Inventory(**inv)))  # type: ignore[arg-type]
+                path = f"/devices/{key.device_id}"
+                for _ in range(200):
+                    if (await asyncio.to_thread(server.api, "GET", path)).json()["inventory"]:
+                        break
+                    await asyncio.sleep(0.05)
+            await ws.close()
+            ids.append(key.device_id)
+        return ids
+
+    return asyncio.run(go())
+
+
+def test_sorting_by_name_and_version_with_a_selector_and_pages(any_server: ServerProc) -> None:
+    s = any_server
+    d0, d1, d2, d3 = enroll_reporting(s, [{"hostname": "delta", "agent_version": "1.2.0"},
+                                          {"hostname": "zulu", "agent_version": "1.10.0"},
+                                          {"hostname": "bravo"}, {}], {"sortcase": "yes"})
+    enroll(s, 2, {"sortcase": "no"})  # not selected: never on a page
+    assert s.api("PATCH", f"/devices/{d1}/tags", json={"set": {"name": "alpha"}}).status_code == 200
+    assert s.api("PATCH", f"/devices/{d3}/tags", json={"set": {"name": "charlie"}}).status_code == 200
+    assert s.api("PATCH", f"/devices/{d0}/tags", json={"set": {"name": ""}}).status_code == 200  # empty: the host
+
+    def pages(sort: str) -> list[str]:
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params = {"limit": 3, "sort": sort, "selector": 'tag.sortcase == "yes"', **({"cursor": cursor} if cursor
+                                                                                         else {})}
+            r = s.api("GET", "/devices", params=params)
+            assert r.status_code == 200, r.text
+            seen += [d["id"] for d in r.json()["items"]]
+            cursor = r.json()["next_cursor"]
+            if not cursor:
+                return seen
+
+    # the name tag, else the host name: alpha (tag), bravo (host), charlie (tag), delta (host)
+    assert pages("name") == [d1, d2, d3, d0]
+    assert pages("-name") == [d0, d3, d2, d1]
+    # versions compare as text; none at all first (ties by id)
+    assert pages("version") == [*sorted([d2, d3]), d1, d0]
+    assert pages("-version") == [d0, d1, *sorted([d2, d3], reverse=True)]
+    # a cursor of another order is refused, not misread
+    first = s.api("GET", "/devices", params={"limit": 1, "sort": "id"}).json()["next_cursor"]
+    r = s.api("GET", "/devices", params={"limit": 1, "sort": "name", "cursor": first})
+    assert r.status_code == 400 and "sort order" in r.json()["detail"]
+    by_seen = s.api("GET", "/devices", params={"limit": 1, "sort": "last_seen"}).json()["next_cursor"]
+    assert s.api("GET", "/devices", params={"limit": 1, "sort": "version", "cursor": by_seen}).status_code == 400
 
 
 def test_audit_chain_detects_altered_and_deleted_rows(any_server: ServerProc) -> None:

@@ -7,6 +7,7 @@ import binascii
 import json
 import secrets
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -30,12 +31,25 @@ from corral.server.api.views import (
 )
 from corral.server.context import ServerContext
 from corral.server.hub import QueuedCommand
-from corral.server.store.models import Device, DeviceCommand
+from corral.server.store.models import Device, DeviceCommand, DeviceTag
 from corral.server.store.selector_sql import to_sql
 
 router = APIRouter(tags=["devices"])
 
-SORTS = {"id": Device.id, "created_at": Device.created_at, "last_seen": Device.last_seen}
+#: the list's sort orders: each a key (a SQL expression) and whether it is text; ties go by id.
+#: ``name`` is the ``name`` tag, else the host name the device reported; ``version`` the agent's
+#: version (compared as text). Both are computed per row: fine for the console's pages, while
+#: ``id``, ``created_at`` and ``last_seen`` are indexed.
+SORTS: dict[str, tuple[Callable[[], Any], bool]] = {
+    "id": (lambda: Device.id, True),
+    "created_at": (lambda: func.coalesce(Device.created_at, 0.0), False),
+    "last_seen": (lambda: func.coalesce(Device.last_seen, 0.0), False),
+    "name": (lambda: func.coalesce(
+        func.nullif(select(DeviceTag.value).where(DeviceTag.device_id == Device.id, DeviceTag.key == "name")
+                    .scalar_subquery(), ""),
+        Device.inventory["hostname"].as_string(), ""), True),
+    "version": (lambda: func.coalesce(Device.inventory["agent_version"].as_string(), ""), True),
+}
 STATUSES = ("pending", "accepted", "rejected", "decommissioned")
 
 
@@ -47,21 +61,24 @@ def selector_clause(expr: str | None, max_len: int) -> Any:
     return to_sql(parse(expr))
 
 
-def keyset(stmt: Select[Any], sort: str, paging: Paging) -> tuple[Select[Any], Any]:
-    """Order by (sort column, id) and continue after the cursor: stable pages at any depth."""
+def keyset(stmt: Select[Any], sort: str, paging: Paging) -> Select[Any]:
+    """Order by (sort key, id) and continue after the cursor: stable pages at any depth. The sort
+    key is the statement's last column (the next page's cursor is made of it)."""
     desc = sort.startswith("-")
     name = sort.lstrip("-")
     if name not in SORTS:
         raise InvalidInput(f"sort must be one of {', '.join(SORTS)} (prefix - for descending), not {sort!r}")
-    col = SORTS[name]
-    key = col if name == "id" else func.coalesce(col, 0.0)
+    make_key, text = SORTS[name]
+    key = make_key()
     if paging.cursor is not None:
         if name == "id":
             if len(paging.cursor) != 1 or not isinstance(paging.cursor[0], str):
                 raise InvalidInput("cursor does not belong to this sort order")
             after = Device.id < paging.cursor[0] if desc else Device.id > paging.cursor[0]
         else:
-            if len(paging.cursor) != 2 or not isinstance(paging.cursor[0], int | float):
+            if (len(paging.cursor) != 2 or not isinstance(paging.cursor[1], str)
+                    or not isinstance(paging.cursor[0], str if text else int | float)
+                    or isinstance(paging.cursor[0], bool)):
                 raise InvalidInput("cursor does not belong to this sort order")
             v, last_id = paging.cursor
             after = (or_(key < v, and_(key == v, Device.id < last_id)) if desc
@@ -71,19 +88,18 @@ def keyset(stmt: Select[Any], sort: str, paging: Paging) -> tuple[Select[Any], A
         stmt = stmt.order_by(Device.id.desc() if desc else Device.id)
     else:
         stmt = stmt.order_by(key.desc(), Device.id.desc()) if desc else stmt.order_by(key, Device.id)
-    return stmt.limit(paging.limit + 1), name
+    return stmt.add_columns(key).limit(paging.limit + 1)
 
 
 async def page_of_devices(db: AsyncSession, stmt: Select[Any], sort: str, paging: Paging) -> DevicePage:
-    stmt, name = keyset(stmt, sort, paging)
-    rows = list((await db.scalars(stmt)).all())
+    rows = list((await db.execute(keyset(stmt, sort, paging))).all())
     more = len(rows) > paging.limit
     rows = rows[: paging.limit]
     nxt = None
     if more and rows:
-        last = rows[-1]
-        nxt = encode_cursor([last.id] if name == "id" else [getattr(last, name) or 0.0, last.id])
-    return DevicePage(items=await device_views(db, rows), next_cursor=nxt)
+        last, key = rows[-1][0], rows[-1][-1]
+        nxt = encode_cursor([last.id] if sort.lstrip("-") == "id" else [key, last.id])
+    return DevicePage(items=await device_views(db, [r[0] for r in rows]), next_cursor=nxt)
 
 
 @router.get("/devices", response_model=DevicePage, summary="List devices")
@@ -91,7 +107,8 @@ async def list_devices(
     ctx: Ctx, _: Viewer, paging: Paging,
     selector: Annotated[str | None, Query(description="selector expression, see docs/selectors.md")] = None,
     status: Annotated[str | None, Query(description="admission status")] = None,
-    sort: Annotated[str, Query(description="id, created_at or last_seen; prefix - to descend")] = "id",
+    sort: Annotated[str, Query(description="id, created_at, last_seen, name (the name tag, else the host name) "
+                                         "or version (the agent's, as text); prefix - to descend")] = "id",
 ) -> DevicePage:
     stmt = select(Device)
     clause = selector_clause(selector, ctx.config.limits.max_selector_len)
