@@ -169,7 +169,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Prometheus exposition of the server's own figures (no per-device labels)."""
         return Response(metrics.render(), media_type=PROM_CONTENT_TYPE)
 
-    from corral.server import console
+    from corral.server import console, console_fleet
 
+    app.include_router(console_fleet.router)  # the dashboard (at /), groups and the audit log
     app.include_router(console.router)  # the web console: pages, its modules and the npm files it loads
     return app

@@ -87,7 +87,10 @@ class NavItem:
 
 
 NAV: tuple[NavItem, ...] = (
+    NavItem("dashboard", "/", "Dashboard", lambda who: True),
     NavItem("devices", "/devices", "Devices", lambda who: True),
+    NavItem("groups", "/groups", "Groups", lambda who: True),
+    NavItem("audit", "/audit", "Audit", lambda who: True),
     NavItem("sessions", "/sessions", "Sessions", lambda who: who.may_access_devices),
 )
 
@@ -295,11 +298,6 @@ async def logout(request: Request, ctx: Ctx) -> Response:
 
 
 # --- devices -------------------------------------------------------------------------------------
-
-
-@router.get("/")
-async def home(who: Who) -> Response:
-    return RedirectResponse("/devices", status_code=303)
 
 
 @router.get("/devices")
