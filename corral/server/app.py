@@ -173,4 +173,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app.include_router(console_fleet.router)  # the dashboard (at /), groups and the audit log
     app.include_router(console.router)  # the web console: pages, its modules and the npm files it loads
+    from corral.server import console_updates
+
+    app.include_router(console_updates.router)  # the console's rollouts, alerts and webhooks pages
     return app

@@ -17,6 +17,7 @@ from playwright.sync_api import sync_playwright
 from websockets.sync.client import connect
 
 from tests.browser.conftest import CHROMIUM, PASSWORD, VIEWPORT, make_console_user
+from tests.browser.screenshots_updates import update_pages
 from tests.conftest import start_agent, start_server, wait_until
 
 
@@ -84,6 +85,7 @@ def main(out: Path) -> None:
             for a in agents:
                 a.stop()
             server.stop()
+    update_pages(out)  # rollouts, alerts and webhooks, with a fleet of simulated devices of their own
 
 
 if __name__ == "__main__":
