@@ -89,10 +89,10 @@ class NavItem:
 NAV: tuple[NavItem, ...] = (
     NavItem("dashboard", "/", "Dashboard", lambda who: True),
     NavItem("devices", "/devices", "Devices", lambda who: True),
+    NavItem("groups", "/groups", "Groups", lambda who: True),
     NavItem("rollouts", "/rollouts", "Rollouts", lambda who: True),
     NavItem("alerts", "/alerts", "Alerts", lambda who: True),
     NavItem("webhooks", "/webhooks", "Webhooks", lambda who: who.has_role("operator")),
-    NavItem("groups", "/groups", "Groups", lambda who: True),
     NavItem("audit", "/audit", "Audit", lambda who: True),
     NavItem("sessions", "/sessions", "Sessions", lambda who: who.may_access_devices),
 )
