@@ -179,6 +179,27 @@ class RemoteAccess:
 
 
 @dataclass(frozen=True)
+class WebProxy:
+    """The device web-UI proxy's limits and timeouts (``corral.server.proxy``, ADR 0018)."""
+
+    #: an idle upstream connection is kept this long for the next request of the same grant
+    idle_seconds: float = 15.0
+    #: idle upstream connections kept per grant (a browser opens about six per host)
+    max_idle: int = 6
+    #: a grant (its capability URL) unused this long is forgotten: open the page from the console again
+    grant_idle_seconds: float = 30 * 60
+    #: and at the latest this long after it was made
+    grant_max_seconds: float = 12 * 3600
+    #: the largest WebSocket message relayed either way (a larger one closes with 1009)
+    max_ws_message: int = 4 << 20
+    #: the device's connection and the app's answer to a WebSocket upgrade, at most
+    ws_handshake_seconds: float = 30.0
+    #: cookies the device may keep per grant, and their size each
+    max_cookies: int = 50
+    max_cookie_bytes: int = 4096
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path = Path("corral-data")
     host: str = "127.0.0.1"
@@ -196,6 +217,7 @@ class ServerConfig:
     updates: Updates = field(default_factory=Updates)
     rollouts: Rollouts = field(default_factory=Rollouts)
     remote: RemoteAccess = field(default_factory=RemoteAccess)
+    proxy: WebProxy = field(default_factory=WebProxy)
 
     @property
     def artifact_dir(self) -> Path:

@@ -58,34 +58,11 @@ from corral.server import remote
 from corral.server.api.deps import SESSION_COOKIE, principal_of
 from corral.server.api.errors import status_for
 from corral.server.auth import Principal
+from corral.server.config import WebProxy
 from corral.server.context import ServerContext
 from corral.server.store.models import Device
 
 log = logging.getLogger(__name__)
-
-# --- settings -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProxySettings:
-    """The proxy's limits and timeouts (``ServerConfig.proxy`` when the config has them)."""
-
-    #: an idle upstream connection is kept this long for the next request of the same grant
-    idle_seconds: float = 15.0
-    #: idle upstream connections kept per grant (a browser opens about six per host)
-    max_idle: int = 6
-    #: a grant (its capability URL) unused this long is forgotten: open the page from the console again
-    grant_idle_seconds: float = 30 * 60
-    #: and at the latest this long after it was made
-    grant_max_seconds: float = 12 * 3600
-    #: the largest WebSocket message relayed either way (a larger one closes with 1009)
-    max_ws_message: int = 4 << 20
-    #: the device's connection and the app's answer to a WebSocket upgrade, at most
-    ws_handshake_seconds: float = 30.0
-    #: cookies the device may keep per grant, and their size each
-    max_cookies: int = 50
-    max_cookie_bytes: int = 4096
-
 
 #: the bytes of one tunnel message (the relay refuses more than remote.MAX_FRAME)
 CHUNK = 64 * 1024
@@ -544,7 +521,7 @@ class DeviceProxy:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        self.settings: ProxySettings = getattr(ctx.config, "proxy", None) or ProxySettings()
+        self.settings: WebProxy = ctx.config.proxy
         self.by_cap: dict[str, Grant] = {}
         self.by_key: dict[tuple[int, str, int], Grant] = {}
         self._reaper: asyncio.Task[None] | None = None

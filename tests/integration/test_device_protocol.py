@@ -130,7 +130,7 @@ def test_tokenless_unknown_device_refused_when_pending_is_disabled(tmp_path) -> 
     "not json at all",
     codec.encode(p.Heartbeat(seq=1)),  # wrong message before hello
     b"\x81\xa4type\xa5hello",  # hello without a body
-])
+], ids=["garbage", "not-json", "heartbeat-before-hello", "hello-without-body"])  # fixed ids: one encodes a time
 def test_malformed_handshake_frames_close_the_socket(shared_server: ServerProc, frame: bytes | str) -> None:
     before = snapshot(shared_server)
 
