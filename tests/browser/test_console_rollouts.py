@@ -167,8 +167,8 @@ def test_a_bad_form_shows_the_apis_reason_and_creates_nothing(tab: BrowserPage, 
     assert page.get_by_role("alert").inner_text() == api_reason(selector='tag.ring == "nowhere"')
     page.get_by_label("Target selector").fill('tag.ring == "prod"')
     page.get_by_label("Failure threshold (%)").fill("150")
-    with page.expect_navigation():
-        page.get_by_role("button", name="Create rollout").click()
+    with page.expect_navigation():  # by keyboard: Enter in a field submits the form
+        page.get_by_label("Failure threshold (%)").press("Enter")
     assert page.locator("#max_failure_rate-error").inner_text() == "Input should be less than 1"
     assert len(rollouts(fleet)) == before
     no_csp_trouble(tab)
@@ -210,9 +210,13 @@ def test_a_viewer_sees_no_buttons_and_a_forged_post_is_refused(tab: BrowserPage,
         assert r.status_code == 403 and "CSRF" in r.text
         assert show(fleet, rollout_id)["status"] == "paused"
         assert len(rollouts(fleet)) == before + 1  # the forged form created nothing
-        # the operator, with the page's token: aborted
-        r = olga.post(f"/rollouts/{rollout_id}/abort", data={"csrf_token": form_csrf(olga.get("/rollouts").text)})
+        # the operator, with the page's token: aborted, reverting what it updated
+        r = olga.post(f"/rollouts/{rollout_id}/abort", data={"csrf_token": form_csrf(olga.get("/rollouts").text),
+                                                             "revert": "on"})
         assert r.status_code == 303 and show(fleet, rollout_id)["status"] == "aborted"
+        [entry] = [e for e in fleet.server.api("GET", "/audit", params={"action": "rollout.abort"}).json()["items"]
+                   if e["target"] == rollout_id]
+        assert entry["actor"] == "user:olga" and entry["detail"] == {"revert": True}
     finally:
         vera.close()
         olga.close()
