@@ -32,7 +32,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy import select
 
 from corral.errors import CorralError, Forbidden, InvalidInput, NotFound, Unauthorized
-from corral.server import remote
+from corral.server import console_device, remote
 from corral.server.api.auth import log_in, log_out
 from corral.server.api.deps import (
     CSRF_FORM_FIELD,
@@ -44,11 +44,13 @@ from corral.server.api.deps import (
     principal_of,
     rid,
 )
-from corral.server.api.devices import page_of_devices, selector_clause
+from corral.server.api.devices import TagChange, change_tags, page_of_devices, selector_clause
 from corral.server.api.errors import status_for
+from corral.server.api.monitoring import list_events, metric_names
 from corral.server.api.views import DeviceOut, device_views, iso
 from corral.server.auth import Principal, csrf_token
 from corral.server.context import ServerContext
+from corral.server.live import sse
 from corral.server.store.models import Device, RemoteSession
 
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -306,23 +308,26 @@ async def logout(request: Request, ctx: Ctx) -> Response:
 @router.get("/devices")
 async def devices_page(request: Request, ctx: Ctx, who: Who,
                        selector: Annotated[str, Query(max_length=4096)] = "",
+                       sort: Annotated[str, Query(max_length=32)] = "id",
                        cursor: Annotated[str | None, Query(max_length=512)] = None) -> Response:
     error = ""
     stmt = select(Device)
     items: Sequence[DeviceOut] = []
     next_cursor = None
+    order = console_device.list_sort(sort)
     try:
         clause = selector_clause(selector, ctx.config.limits.max_selector_len)
         if clause is not None:
             stmt = stmt.where(clause)
         paging = PageParams(DEVICES_PER_PAGE, decode_cursor(cursor) if cursor else None)
         async with ctx.reader() as db:
-            page = await page_of_devices(db, stmt, "id", paging)
+            page = await page_of_devices(db, stmt, order, paging)
         items, next_cursor = page.items, page.next_cursor
     except InvalidInput as e:  # a selector that does not parse is shown beside the search box
         error = e.detail
     rows = [{"device": d, "name": device_name(d)} for d in items]
-    return render(request, "devices.html", who, rows=rows, selector=selector, error=error, next_cursor=next_cursor)
+    return render(request, "devices.html", who, rows=rows, selector=selector, error=error, next_cursor=next_cursor,
+                  sort=order, columns=console_device.LIST_COLUMNS, sort_links=console_device.sort_links(order))
 
 
 async def load_device(ctx: ServerContext, device_id: str) -> tuple[Device, DeviceOut]:
@@ -334,13 +339,74 @@ async def load_device(ctx: ServerContext, device_id: str) -> tuple[Device, Devic
         return d, (await device_views(db, [d]))[0]
 
 
-@router.get("/devices/{device_id}")
-async def device_page(request: Request, ctx: Ctx, who: Who, device_id: str) -> Response:
+async def device_view(request: Request, ctx: ServerContext, who: Principal, device_id: str, status: int = 200,
+                      tag_error: str = "", tag_form: dict[str, str] | None = None, edit_tag: str = "") -> Response:
+    """The device page: inventory, tags (a form for operators), the chart's metrics and ranges,
+    events, deployment history, and the remote-access buttons for whom may use them."""
     row, d = await load_device(ctx, device_id)
+    if tag_form is None and edit_tag in d.tags:  # "Edit" fills the tag form with the tag
+        tag_form = {"key": edit_tag, "value": d.tags[edit_tag]}
     inventory = {k: v for k, v in d.inventory.items() if not isinstance(v, dict | list)}
-    return render(request, "device.html", who, device=d, name=device_name(d), inventory=inventory,
+    metrics = (await metric_names(ctx, who, device=d.id, prefix=None)).items
+    events = (await list_events(ctx, who, PageParams(console_device.EVENTS_SHOWN, None), device=d.id, selector=None,
+                                severity=None, source=None, since=None)).items
+    async with ctx.reader() as db:
+        history = await console_device.deployment_history(db, d.id)
+    ranges = [(r, console_device.range_params(r.key)) for r in console_device.TIME_RANGES]
+    return render(request, "device.html", who, status=status, device=d, name=device_name(d), inventory=inventory,
                   software=d.inventory.get("software") or {}, last_seen=row.last_seen,
-                  terminal_ready=d.status == "accepted" and d.online)
+                  ready=d.status == "accepted" and d.online, may_tag=who.has_role("operator"),
+                  tag_error=tag_error, tag_form=tag_form or {}, metrics=metrics,
+                  metric=console_device.first_metric(metrics), ranges=ranges,
+                  default_range=console_device.DEFAULT_RANGE, events=events, history=history)
+
+
+@router.get("/devices/{device_id}")
+async def device_page(request: Request, ctx: Ctx, who: Who, device_id: str,
+                      tag: Annotated[str, Query(max_length=64)] = "") -> Response:
+    return await device_view(request, ctx, who, device_id, edit_tag=tag)
+
+
+@router.post("/devices/{device_id}/tags")
+async def device_tags_form(request: Request, ctx: Ctx, device_id: str) -> Response:
+    """The tag form: one tag set or removed through the API's own change (validated, audited);
+    a refusal is shown on the page with the form as it was sent."""
+    form = await read_form(request)
+    who = await form_principal(request, ctx, form)
+    if not who.has_role("operator"):
+        raise Forbidden(f"changing tags needs the operator role; {who.name} is {who.role}")
+    try:
+        tags, remove = console_device.tag_change(form)
+        await change_tags(device_id[:64], TagChange(set=tags, remove=remove), ctx, who, request)
+    except InvalidInput as e:
+        return await device_view(request, ctx, who, device_id, status=400, tag_error=e.detail, tag_form=form)
+    return RedirectResponse(f"/devices/{quote(device_id, safe='')}#tags-h", status_code=303)
+
+
+@router.get("/devices/{device_id}/live")
+async def device_live(request: Request, ctx: Ctx, who: Who, device_id: str) -> Response:
+    """The device's presence as server-sent events (corral.server.live): online, last seen."""
+    row, _ = await load_device(ctx, device_id)
+
+    async def snapshot() -> dict[str, Any]:
+        async with ctx.reader() as db:
+            d = await db.get(Device, row.id)
+        if d is None:
+            return {"gone": True}
+        return {"online": bool(d.online), "status": d.status, "last_seen": iso(d.last_seen),
+                "last_seen_text": when(d.last_seen)}
+
+    return sse(request, snapshot)
+
+
+@router.get("/devices/{device_id}/web-ui")
+async def device_web_ui(ctx: Ctx, who: Who, device_id: str,
+                        port: Annotated[str, Query(max_length=16)] = "") -> Response:
+    """The **Device web UI** form: on to the device proxy's entry for that port (ADR 0018)."""
+    if not who.may_access_devices:
+        raise Forbidden(f"{who.name} does not have the remote-access permission")
+    row, _ = await load_device(ctx, device_id)
+    return RedirectResponse(console_device.proxy_entry(quote(row.id, safe=""), port), status_code=303)
 
 
 @router.get("/devices/{device_id}/terminal")

@@ -5,6 +5,7 @@
 // by the same cookie. On the socket, binary messages are the PTY's bytes both ways; text messages
 // are JSON controls: we send {"type": "resize", cols, rows}; the device sends {"type": "exit",
 // code} when the shell ends and {"type": "error", message} when the session fails.
+import { createSession, openSocket } from "/static/session.js";
 import { openTerminal, setStatus } from "/static/xterm-setup.js";
 
 const container = document.getElementById("terminal");
@@ -22,22 +23,8 @@ function end(text, kind) {
   term.options.disableStdin = true;
 }
 
-async function createSession() {
-  const response = await fetch(`/api/v1/devices/${encodeURIComponent(container.dataset.device)}/sessions`, {
-    method: "POST",
-    credentials: "same-origin",
-    headers: { "Content-Type": "application/json", "X-CSRF-Token": container.dataset.csrf },
-    body: JSON.stringify({ kind: "terminal", params: { cols: term.cols, rows: term.rows } }),
-  });
-  const doc = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(doc.detail || `the server answered ${response.status}`);
-  return doc;
-}
-
 function connect(session) {
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}${session.ws_path}?token=${encodeURIComponent(session.token)}`);
-  ws.binaryType = "arraybuffer";
+  const ws = openSocket(session);
   const encoder = new TextEncoder();
   const send = (data) => {
     if (ws.readyState === WebSocket.OPEN) ws.send(data);
@@ -76,4 +63,5 @@ function connect(session) {
   window.addEventListener("resize", () => fit.fit());
 }
 
-createSession().then(connect, (error) => end(`Could not open a terminal: ${error.message}`, "error"));
+createSession(container.dataset.device, container.dataset.csrf, "terminal", { cols: term.cols, rows: term.rows })
+  .then(connect, (error) => end(`Could not open a terminal: ${error.message}`, "error"));
