@@ -30,7 +30,7 @@ def main(out: Path) -> None:
         try:
             make_console_user(server, "olga", "operator", remote_access=True)
             config = tmp / "agent.toml"
-            config.write_text("[telemetry]\nenabled = false\n")
+            config.write_text("[telemetry]\ninterval = 1\n")  # the device page's chart has points
             token = server.create_enrollment_token()
             for i in range(3):
                 agents.append(start_agent(server, tmp / f"agent{i}", token, "--config", str(config)))
@@ -57,7 +57,12 @@ def main(out: Path) -> None:
                 page.get_by_role("button", name="Log in").click()
                 page.wait_for_url(server.url + "/devices")
                 page.screenshot(path=out / "devices.png")
+                query = {"metric": "cpu.percent", "device": dev, "since": "15m", "step": "10s"}
+                wait_until(lambda: len((server.api("GET", "/metrics/query", params=query).json()["series"]
+                                        or [{"points": []}])[0]["points"]) >= 5, timeout=120, what="a chart's points")
                 page.goto(f"{server.url}/devices/{dev}")
+                page.get_by_label("15 min").check()
+                page.wait_for_function("Number(document.getElementById('chart').dataset.points) >= 5")
                 page.screenshot(path=out / "device.png", full_page=True)
                 page.get_by_role("link", name="Terminal").click()
                 wait_until(lambda: page.get_by_role("status").inner_text().startswith("Connected"), what="connected")
