@@ -113,6 +113,11 @@ def rollout_progress(rollout_id: str, artifact: str, status: str, current_wave: 
             "succeeded": states.get("succeeded", 0), "percent": (100 * done // total) if total else 0}
 
 
+def iso_text(stamp: str | None) -> str:
+    """An API time (ISO 8601 in UTC, ``...Z``) for people: to the second, as the other pages show it."""
+    return f"{stamp[:19].replace('T', ' ')} UTC" if stamp else ""
+
+
 def dashboard_state(overview: monitoring.OverviewOut, firing: int,
                     rollouts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """What the dashboard shows, as JSON: the page renders it, and the live stream sends it when it
@@ -126,8 +131,8 @@ def dashboard_state(overview: monitoring.OverviewOut, firing: int,
         "agent_versions": distribution(overview.agent_versions, "agent_version"),
         "os_versions": distribution(overview.os_versions, "os_version"),
         "firing": firing,
-        "alerts": [{"alert": a.alert, "key": a.key, "severity": a.severity, "since": a.since or ""}
-                   for a in overview.firing_alerts[:ALERTS_SHOWN]],
+        "alerts": [{"alert": a.alert, "key": a.key, "severity": a.severity, "since": a.since or "",
+                    "since_text": iso_text(a.since)} for a in overview.firing_alerts[:ALERTS_SHOWN]],
         "rollouts": list(rollouts),
     }
 

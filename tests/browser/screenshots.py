@@ -13,12 +13,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Page, sync_playwright
 from websockets.sync.client import connect
 
 from tests.browser.conftest import CHROMIUM, PASSWORD, VIEWPORT, make_console_user
 from tests.browser.screenshots_updates import update_pages
-from tests.conftest import start_agent, start_server, wait_until
+from tests.conftest import AgentProc, ServerProc, start_agent, start_server, wait_until
 
 
 def main(out: Path) -> None:
@@ -85,12 +85,34 @@ def main(out: Path) -> None:
                 mobile.get_by_role("button", name="Log in").click()
                 mobile.wait_for_url(server.url + "/devices")
                 mobile.screenshot(path=out / "devices-phone.png", full_page=True)
+                fleet_pages(server, page, agents, ids, out)
                 browser.close()
         finally:
             for a in agents:
                 a.stop()
             server.stop()
     update_pages(out)  # rollouts, alerts and webhooks, with a fleet of simulated devices of their own
+
+
+def fleet_pages(server: ServerProc, page: Page, agents: list[AgentProc], ids: list[str], out: Path) -> None:
+    """The dashboard (one device gone offline, its alert firing), groups and the audit log."""
+    server.api("POST", "/alerts", json={"name": "device-offline", "kind": "offline", "for": "1s",
+                                        "severity": "critical"})
+    server.api("POST", "/groups", json={"name": "berlin", "selector": 'tag.site == "berlin"',
+                                        "description": "every device at the Berlin site"})
+    server.api("POST", "/groups", json={"name": "canary-lab", "description": "bench devices for first installs"})
+    server.api("POST", "/groups/canary-lab/members", json={"device_ids": ids[:2]})
+    agents[-1].stop()
+    wait_until(lambda: server.api("GET", "/overview").json()["firing_alerts"], timeout=40, what="the alert firing")
+    page.goto(server.url + "/")
+    page.wait_for_timeout(500)
+    page.screenshot(path=out / "dashboard.png", full_page=True)
+    page.goto(server.url + "/groups")
+    page.screenshot(path=out / "groups.png", full_page=True)
+    page.goto(server.url + "/groups/canary-lab")
+    page.screenshot(path=out / "group.png", full_page=True)
+    page.goto(server.url + "/audit")
+    page.screenshot(path=out / "audit.png")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from corral.server.console_fleet import (
     device_ids,
     distribution,
     group_form,
+    iso_text,
     rollout_progress,
     verify_message,
 )
@@ -77,12 +78,17 @@ def test_the_dashboards_state_from_the_overview() -> None:
     state = dashboard_state(ov, 120, [{"id": "r"}])
     assert (state["online"], state["offline"], state["pending"], state["accepted"]) == (3, 2, 2, 5)
     assert state["firing"] == 120 and len(state["alerts"]) == 5  # the count is exact; the list is short
-    assert state["alerts"][0] == {"alert": "a0", "key": "dev0", "severity": "critical", "since": ""}
+    assert state["alerts"][0] == {"alert": "a0", "key": "dev0", "severity": "critical", "since": "", "since_text": ""}
     assert [r["version"] for r in state["os_versions"]] == ["12", "unknown"]
     assert state["points_per_minute"] == 42 and state["rollouts"] == [{"id": "r"}]
     assert "generated_at" not in str(state)  # nothing that changes by itself: the stream sends changes only
     later = ov.model_copy(update={"generated_at": "2026-01-01T00:00:05.000Z"})
     assert dashboard_state(later, 120, [{"id": "r"}]) == state
+
+
+def test_times_for_people() -> None:
+    assert iso_text("2026-11-30T20:13:42.637Z") == "2026-11-30 20:13:42 UTC"
+    assert iso_text(None) == iso_text("") == ""
 
 
 def test_the_new_group_form() -> None:

@@ -34,7 +34,7 @@ function alertItem(a) {
   const item = el("li", {}, el("a", {href: "/alerts"}, a.alert), " ",
                   el("span", {class: a.severity === "critical" ? "badge crit" : "badge warn"}, a.severity), " ",
                   el("span", {class: "mono"}, a.key));
-  if (a.since) item.append(" ", el("span", {class: "muted"}, "since ", el("time", {datetime: a.since}, a.since)));
+  if (a.since) item.append(" ", el("span", {class: "muted"}, "since ", el("time", {datetime: a.since}, a.since_text)));
   return item;
 }
 
