@@ -36,11 +36,13 @@ from corral.server.console import ConsoleRoute, Who, form_principal, read_form, 
 from corral.server.console_updates_forms import (
     ROLLOUT_FIELDS,
     Errors,
+    alert_badge,
     alert_body,
     counts_text,
     done_count,
     health_gate_state,
     install_gate_state,
+    instance_row,
     normalize_waves,
     rollout_body,
     segments,
@@ -297,13 +299,34 @@ async def alert_create(request: Request, ctx: Ctx) -> Response:
     return await alerts_page_response(request, ctx, who, None, form, errors, status=400)
 
 
-@router.get("/alerts/{ref}")
-async def alert_page(request: Request, ctx: Ctx, who: Who, ref: str) -> Response:
-    a = await api_alerts.show_alert(ref[:64], ctx, who, None, INSTANCES_SHOWN)
+async def alert_state(ctx: ServerContext, who: Principal, ref: str) -> dict[str, Any]:
+    """What an alert's page shows that changes: its state and its instances (the live stream's
+    events, and the first render)."""
+    a = await api_alerts.show_alert(ref, ctx, who, None, INSTANCES_SHOWN)
+    instances = a.instances or []
     async with ctx.reader() as db:
         devices = set((await db.scalars(select(Device.id).where(
-            Device.id.in_([i.key for i in a.instances or [] if i.key][:INSTANCES_SHOWN])))).all())
-    return render(request, "alert.html", who, a=a, device_keys=devices, may_act=who.has_role("operator"))
+            Device.id.in_([i.key for i in instances if i.key])))).all())
+    return {"id": a.id, "badge": alert_badge(a.enabled, a.firing),
+            "rows": [instance_row(i.key, i.state, i.value, i.since, i.fired_at, i.resolved_at, i.key in devices)
+                     for i in instances]}
+
+
+@router.get("/alerts/{ref}")
+async def alert_page(request: Request, ctx: Ctx, who: Who, ref: str) -> Response:
+    a = await api_alerts.show_alert(ref[:64], ctx, who, None, 1)
+    return render(request, "alert.html", who, a=a, s=await alert_state(ctx, who, a.id),
+                  may_act=who.has_role("operator"))
+
+
+@router.get("/alerts/{ref}/live")
+async def alert_live(request: Request, ctx: Ctx, who: Who, ref: str) -> Response:
+    alert_id = (await api_alerts.show_alert(ref[:64], ctx, who, None, 1)).id
+
+    async def snapshot() -> Any:
+        return await alert_state(ctx, who, alert_id)
+
+    return sse(request, snapshot, interval=LIVE_INTERVAL)
 
 
 @router.post("/alerts/{ref}/{action}")

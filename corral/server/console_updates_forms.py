@@ -259,3 +259,36 @@ def health_gate_state(gate: Mapping[str, Any] | None, baseline: float | None, re
     if baseline is None:
         return GateState("ok", f"watching {what}; no baseline yet (too few devices on each side)")
     return GateState("ok", f"watching {what}; baseline median {baseline:.4g}")
+
+
+# --- an alert's page, live -------------------------------------------------------------------------
+
+
+def moment(iso_text: str | None) -> str:
+    """An API time (``2026-11-30T20:14:48.123Z``) for people: ``2026-11-30 20:14:48 UTC``."""
+    return f"{iso_text[:19].replace('T', ' ')} UTC" if iso_text else ""
+
+
+def alert_badge(enabled: bool, firing: int) -> tuple[str, str]:
+    """An alert's state as (badge class, text)."""
+    if not enabled:
+        return "off", "disabled"
+    return ("firing", f"{firing} firing") if firing else ("ok", "ok")
+
+
+#: a table cell for the live pages: text, and optionally a link (``href``) or a badge (``badge``: its class)
+Cell = dict[str, str]
+
+
+def instance_row(key: str, state: str, value: float | None, since: str | None, fired_at: str | None,
+                 resolved_at: str | None, is_device: bool) -> list[Cell]:
+    """An alert instance as the cells of its row (the page renders them, and so does its script)."""
+    first: Cell = {"text": key or "the whole scope"}
+    if is_device:
+        first["href"] = f"/devices/{key}"
+    elif not key:
+        first["class"] = "muted"
+    badge = {"firing": "firing", "pending": "warn"}.get(state, "")
+    return [first, {"text": state, "badge": badge}, {"text": "" if value is None else f"{value:.4g}"},
+            {"text": moment(since), "class": "wide-only"}, {"text": moment(fired_at)},
+            {"text": moment(resolved_at), "class": "wide-only"}]

@@ -66,10 +66,13 @@ def test_an_alert_made_with_the_form_fires_and_is_changed_from_the_page(tab: Bro
     page.wait_for_url(lambda url: "/alerts/" in url)
     alert_id = page.url.rsplit("/", 1)[1]
     assert page.get_by_role("heading", name="Alert lab-cpu").is_visible()
-    # the sim device's cpu.percent makes it fire: one instance, for its site
-    reload_until(page, lambda: "firing" in text_of(page, "table.instances tbody"), "the alert firing")
+    # the sim device's cpu.percent makes it fire: one instance, for its site, shown live
+    page.evaluate("window.__same_page = 1")
+    wait_until(lambda: "firing" in text_of(page, "table.instances tbody"), timeout=30, interval=0.2,
+               what="the alert firing on the page")
     row = page.locator("table.instances tbody tr").first
     assert row.locator("td").first.inner_text() == "lab"
+    assert page.locator("#live-badge").inner_text() == "1 firing" and page.evaluate("window.__same_page") == 1
     page.get_by_role("link", name="Alerts").first.click()
     page.wait_for_url(fleet.url + "/alerts")
     assert "1 firing" in page.locator(f"#alert-{alert_id}").inner_text()

@@ -15,11 +15,14 @@ from corral.server.console_updates_forms import (
     ROLLOUT_FIELDS,
     GateState,
     Segment,
+    alert_badge,
     alert_body,
     counts_text,
     done_count,
     health_gate_state,
     install_gate_state,
+    instance_row,
+    moment,
     normalize_waves,
     rollout_body,
     segments,
@@ -184,3 +187,24 @@ def test_the_health_gate_state() -> None:
         "watching app.crashes: higher is worse, tolerance 20% + 0.5, over 60s; baseline median 0.25")
     tripped = health_gate_state({**gate, "higher_is_worse": False}, 1.0, "health gate: app.crashes on 3 updated ...")
     assert tripped.level == "warn" and tripped.text == "tripped: app.crashes on 3 updated ..."
+
+
+def test_an_alert_instance_as_the_cells_of_its_row() -> None:
+    device = instance_row("d1", "firing", 95.123456, "2026-11-30T20:14:48.123Z", "2026-11-30T20:14:50.000Z", None,
+                          is_device=True)
+    assert device == [{"text": "d1", "href": "/devices/d1"}, {"text": "firing", "badge": "firing"},
+                      {"text": "95.12"}, {"text": "2026-11-30 20:14:48 UTC", "class": "wide-only"},
+                      {"text": "2026-11-30 20:14:50 UTC"}, {"text": "", "class": "wide-only"}]
+    scope = instance_row("", "pending", None, None, None, None, is_device=False)
+    assert scope[0] == {"text": "the whole scope", "class": "muted"} and scope[1]["badge"] == "warn"
+    assert scope[2]["text"] == ""
+    site = instance_row("<script>", "inactive", 0.0, None, None, None, is_device=False)
+    assert site[0] == {"text": "<script>"} and site[1] == {"text": "inactive", "badge": ""}  # text, not markup
+    assert site[2]["text"] == "0"
+    assert moment(None) == "" and moment("2026-01-02T03:04:05.678Z") == "2026-01-02 03:04:05 UTC"
+
+
+def test_an_alerts_state_badge() -> None:
+    assert alert_badge(False, 3) == ("off", "disabled")
+    assert alert_badge(True, 0) == ("ok", "ok")
+    assert alert_badge(True, 2) == ("firing", "2 firing")
