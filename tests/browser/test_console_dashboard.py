@@ -313,3 +313,45 @@ def test_the_live_stream_sends_the_state_first_and_needs_a_login(fleet: Fleet) -
         assert c.get("/dashboard/live").status_code == 401
     finally:
         c.close()
+
+
+def test_the_fleet_forms_need_the_csrf_token_and_verifying_needs_an_admin(fleet: Fleet) -> None:
+    c = http_login(fleet, "olga")  # an operator: may change groups, may not verify the audit log
+    try:
+        r = c.post("/groups", data={"name": "no-token", "kind": "static"})
+        assert r.status_code == 403 and "CSRF" in r.text
+        assert fleet.server.api("GET", "/groups/no-token").status_code == 404
+        r = c.get("/audit", params={"verify": "true"})
+        assert r.status_code == 403 and "needs the admin role" in r.text
+        assert "Verify the chain" not in c.get("/audit").text
+        csrf = form_csrf(c.get("/groups").text)
+        r = c.post("/groups", data={"name": "with-token", "kind": "static", "csrf_token": csrf})
+        assert r.status_code == 303 and r.headers["location"] == "/groups/with-token"
+        assert fleet.server.api("GET", "/groups/with-token").json()["kind"] == "static"
+    finally:
+        c.close()
+
+
+def test_the_audit_log_pages_back_by_cursor_with_its_filter(fleet: Fleet) -> None:
+    with fleet.server.client() as api:
+        for i in range(55):
+            assert api.post("/groups", json={"name": f"paged-{i:02d}"}).status_code == 201
+    c = http_login(fleet, "vera")
+    try:
+        def seqs(html: str) -> list[int]:
+            return [int(part.split('"', 1)[0]) for part in html.split('<tr id="audit-')[1:]]
+
+        first = c.get("/audit", params={"action": "group.create"})
+        newest = seqs(first.text)
+        assert len(newest) == 50 and newest == sorted(newest, reverse=True)
+        assert "Older entries" in first.text
+        link = next(part.split('"', 1)[0] for part in first.text.split('<a href="')[1:]
+                    if part.split('"', 1)[0].startswith("/audit?") and "cursor=" in part.split('"', 1)[0])
+        second = c.get(link.replace("&amp;", "&"))
+        rest = seqs(second.text)
+        assert rest and max(rest) < min(newest)  # older entries, none shown twice
+        rows = second.text.split('<tr id="audit-')[1:]
+        actions = [row.split('<td class="mono">', 3)[2].split("<", 1)[0] for row in rows]
+        assert set(actions) == {"group.create"}  # the filter kept
+    finally:
+        c.close()
