@@ -393,6 +393,13 @@ def test_the_device_web_ui_opens_in_a_new_tab(tab: BrowserPage, console: Console
         ui.close()
     finally:
         app.stop()
+    # at phone width, everything on the page fits the screen (tables scroll in their own box)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.reload()
+    page.locator("#files summary").click()
+    wait_until(lambda: page.locator("#chart canvas").count() == 1, what="the chart drawn")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.locator("#chart canvas").bounding_box()["width"] <= 390
     no_csp_trouble(tab)
 
 

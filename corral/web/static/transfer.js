@@ -17,6 +17,8 @@ import { chunks, control, downloadName, downloadProblem, hex, humanBytes, upload
 const CHUNK = 32 * 1024;
 // bytes handed to the socket and not yet sent, at most: memory stays small, progress honest
 const HIGH_WATER = 1024 * 1024;
+// how long an upload of more than one message waits after its first for the device's refusal
+const REFUSAL_WAIT_MS = 600;
 
 class Refused extends Error {}
 
@@ -68,11 +70,19 @@ async function upload(box, file, path, progress) {
     ws.addEventListener("open", resolve, { once: true });
     ws.addEventListener("close", resolve, { once: true });
   });
+  let first = true;
   for (const [start, end] of chunks(data.byteLength, CHUNK)) {
     while (!settled && ws.bufferedAmount > HIGH_WATER) await sleep(10);
     if (settled || ws.readyState !== WebSocket.OPEN) break;
     ws.send(data.slice(start, end));
     progress(end - ws.bufferedAmount, data.byteLength);
+    if (first && end < data.byteLength) {
+      // The device refuses (path, size, space) as soon as it has the session. Its refusal could
+      // be lost if it came while more of the file was in flight (the server closes the socket
+      // with bytes unread: a reset), so the rest waits a moment for it.
+      first = false;
+      for (let waited = 0; waited < REFUSAL_WAIT_MS && !settled; waited += 20) await sleep(20);
+    }
   }
   if (!settled && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "eof" }));
   const done = await outcome;
