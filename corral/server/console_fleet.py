@@ -25,7 +25,8 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.core.rollout_plan import ACTIVE_STATUSES, DONE
 from corral.errors import Conflict, CorralError, Forbidden, InvalidInput, NotFound
@@ -56,6 +57,12 @@ AUDIT_PER_PAGE = 50
 DETAIL_CHARS = 2000
 #: how often the dashboard's state is read for the live stream (seconds)
 LIVE_INTERVAL = 1.0
+#: how often the software versions are counted (every device's inventory is read: not every second)
+SOFTWARE_INTERVAL = 10.0
+#: software components shown on the dashboard (those on the most devices)
+COMPONENTS_SHOWN = 6
+#: the agent has its own distribution on the dashboard
+AGENT_COMPONENT = "corral-agent"
 
 Cursor = Annotated[str | None, Query(max_length=512)]
 
@@ -79,18 +86,19 @@ def version_selector(attr: str, version: str) -> str:
     return 'status == "accepted" and ' + unparse(Compare(Field("attr", (attr,)), "==", Str(version)))
 
 
-def distribution(counts: Mapping[str, int], attr: str, shown: int = VERSIONS_SHOWN) -> list[dict[str, Any]]:
+def distribution(counts: Mapping[str, int], attr: str | None, shown: int = VERSIONS_SHOWN) -> list[dict[str, Any]]:
     """Versions by device count, most first (ties by name), each with its whole percentage of the
     total and the device list's link to its devices; beyond ``shown`` they are summed into one row
-    without a link. ``unknown`` is the overview's name for devices that report no version."""
+    without a link (as every row when ``attr`` is None). ``unknown`` is the overview's name for
+    devices that report no version."""
     total = sum(counts.values())
     ranked = sorted(((str(v), int(n)) for v, n in counts.items() if n > 0), key=lambda vn: (-vn[1], vn[0]))
 
     def row(label: str, n: int, href: str = "") -> dict[str, Any]:
         return {"version": label, "count": n, "percent": round(100 * n / total) if total else 0, "href": href}
 
-    rows = [row(v, n, "" if v == "unknown" else "/devices?selector=" + quote(version_selector(attr, v), safe=""))
-            for v, n in ranked[:shown]]
+    rows = [row(v, n, "" if attr is None or v == "unknown"
+                else "/devices?selector=" + quote(version_selector(attr, v), safe="")) for v, n in ranked[:shown]]
     rest = ranked[shown:]
     if rest:
         rows.append(row(f"{len(rest)} other version{'s' if len(rest) != 1 else ''}", sum(n for _, n in rest)))
@@ -118,8 +126,19 @@ def iso_text(stamp: str | None) -> str:
     return f"{stamp[:19].replace('T', ' ')} UTC" if stamp else ""
 
 
+def software_distributions(counts: Mapping[str, Mapping[str, int]],
+                           shown: int = COMPONENTS_SHOWN) -> list[dict[str, Any]]:
+    """The software the devices run (their inventory's ``software``: ``app.NAME``, ``rootfs`` ...),
+    the components on the most devices first, each with its versions as :func:`distribution`
+    ranks them. The agent is left out (it has its own table), and versions link nowhere: a
+    component's name holds a dot, which a selector's ``attr.`` path cannot say."""
+    ranked = sorted(((c, v) for c, v in counts.items() if c != AGENT_COMPONENT and sum(v.values()) > 0),
+                    key=lambda cv: (-sum(cv[1].values()), cv[0]))
+    return [{"component": c, "versions": distribution(v, None)} for c, v in ranked[:shown]]
+
+
 def dashboard_state(overview: monitoring.OverviewOut, firing: int,
-                    rollouts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+                    rollouts: Sequence[dict[str, Any]], software: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """What the dashboard shows, as JSON: the page renders it, and the live stream sends it when it
     changes (so nothing in it may change by itself, like the time it was made)."""
     return {
@@ -134,6 +153,7 @@ def dashboard_state(overview: monitoring.OverviewOut, firing: int,
         "alerts": [{"alert": a.alert, "key": a.key, "severity": a.severity, "since": a.since or "",
                     "since_text": iso_text(a.since)} for a in overview.firing_alerts[:ALERTS_SHOWN]],
         "rollouts": list(rollouts),
+        "software": list(software),
     }
 
 
@@ -155,12 +175,42 @@ async def active_rollouts(ctx: ServerContext) -> list[dict[str, Any]]:
     return out
 
 
-async def read_dashboard(ctx: ServerContext, who: Principal) -> dict[str, Any]:
+#: per (component, version), the accepted devices whose inventory's ``software`` says so; the
+#: value guarded to an object first (PostgreSQL's json_each_text refuses anything else)
+SOFTWARE_SQL = {
+    "postgresql": text(
+        "SELECT s.key, s.value, count(*) FROM devices, jsonb_each_text(CASE WHEN "
+        "jsonb_typeof(devices.inventory::jsonb -> 'software') = 'object' THEN devices.inventory::jsonb -> 'software' "
+        "ELSE '{}'::jsonb END) AS s WHERE devices.status = 'accepted' GROUP BY s.key, s.value"),
+    "sqlite": text(
+        "SELECT s.key, s.value, count(*) FROM devices, json_each(CASE WHEN "
+        "json_type(devices.inventory, '$.software') = 'object' THEN json_extract(devices.inventory, '$.software') "
+        "ELSE '{}' END) AS s WHERE devices.status = 'accepted' GROUP BY s.key, s.value"),
+}
+
+
+async def software_versions(db: AsyncSession) -> dict[str, dict[str, int]]:
+    """Per software component, the accepted devices per version it reports."""
+    out: dict[str, dict[str, int]] = {}
+    for component, version, n in (await db.execute(SOFTWARE_SQL[db.get_bind().dialect.name])).all():
+        if version is not None:
+            versions = out.setdefault(str(component), {})
+            versions[str(version)] = versions.get(str(version), 0) + int(n)
+    return out
+
+
+async def read_software(ctx: ServerContext) -> list[dict[str, Any]]:
+    async with ctx.reader() as db:
+        return software_distributions(await software_versions(db))
+
+
+async def read_dashboard(ctx: ServerContext, who: Principal, software: SharedState) -> dict[str, Any]:
     overview = await monitoring.overview(ctx, who)
     async with ctx.reader() as db:  # the overview lists at most 100 firing alerts: the count is exact
         firing = await db.scalar(select(func.count()).select_from(AlertInstance)
                                  .where(AlertInstance.state == "firing")) or 0
-    return dashboard_state(overview, int(firing), await active_rollouts(ctx))
+    return dashboard_state(overview, int(firing), await active_rollouts(ctx),
+                           await software.get(lambda: read_software(ctx)))
 
 
 class SharedState:
@@ -180,17 +230,26 @@ class SharedState:
             return self._value
 
 
-def shared_dashboard(request: Request) -> SharedState:
-    """The app's one shared dashboard state (every role sees the same dashboard)."""
-    state = getattr(request.app.state, "console_dashboard", None)
+def shared(request: Request, name: str, ttl: float) -> SharedState:
+    """The app's one shared state of that name (every role sees the same dashboard)."""
+    state = getattr(request.app.state, name, None)
     if state is None:
-        state = request.app.state.console_dashboard = SharedState(LIVE_INTERVAL * 0.9)
+        state = SharedState(ttl)
+        setattr(request.app.state, name, state)
     return state
+
+
+def shared_dashboard(request: Request, ctx: ServerContext, who: Principal) -> Callable[[], Awaitable[Any]]:
+    """The dashboard's state, read at most once per interval for all open dashboards (the software
+    versions at most once per :data:`SOFTWARE_INTERVAL`)."""
+    state = shared(request, "console_dashboard", LIVE_INTERVAL * 0.9)
+    software = shared(request, "console_software", SOFTWARE_INTERVAL)
+    return lambda: state.get(lambda: read_dashboard(ctx, who, software))
 
 
 @router.get("/")
 async def dashboard_page(request: Request, ctx: Ctx, who: Who) -> Response:
-    state = await shared_dashboard(request).get(lambda: read_dashboard(ctx, who))
+    state = await shared_dashboard(request, ctx, who)()
     return render(request, "dashboard.html", who, state=state)
 
 
@@ -199,14 +258,14 @@ async def dashboard_live(request: Request, ctx: Ctx) -> Response:
     """The dashboard's state as server-sent events: at once, then whenever it changes. A session
     that ends (logged out, expired) gets ``{"signed_out": true}`` and nothing more."""
     who = await principal_of(request, ctx)
-    shared = shared_dashboard(request)
+    read = shared_dashboard(request, ctx, who)
 
     async def snapshot() -> Any:
         try:
             await principal_of(request, ctx)
         except CorralError:
             return {"signed_out": True}
-        return await shared.get(lambda: read_dashboard(ctx, who))
+        return await read()
 
     response = sse(request, snapshot, LIVE_INTERVAL)
     response.headers["X-Content-Type-Options"] = "nosniff"

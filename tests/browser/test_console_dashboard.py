@@ -145,6 +145,11 @@ def test_an_active_rollout_is_on_the_dashboard(tab: BrowserPage, fleet: Fleet) -
     assert row.get_by_role("link", name=rollout_id).get_attribute("href") == f"/rollouts/{rollout_id}"
     assert "probe@1.0" in row.inner_text() and "1 of 2" in row.inner_text()  # the first of two waves
     assert row.locator("progress").count() == 1
+    # the first wave's device installs it: its progress, then the software it runs, follow live
+    wait_until(lambda: "1 / " in row.inner_text(), timeout=30, what="the first device done")
+    software = page.locator("#software table").filter(has=page.locator("caption", has_text="app.probe"))
+    wait_until(lambda: software.count() == 1, timeout=30, what="app.probe among the software the fleet runs")
+    assert software.locator("tbody tr").first.inner_text().split("\t")[:2] == ["1.0", "1"]
     assert s.api("POST", f"/rollouts/{rollout_id}/pause").status_code == 200
     wait_until(lambda: "paused" in row.inner_text(), what="the pause shown live")
     assert s.api("POST", f"/rollouts/{rollout_id}/abort", json={}).status_code == 200

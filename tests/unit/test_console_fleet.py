@@ -22,6 +22,7 @@ from corral.server.console_fleet import (
     group_form,
     iso_text,
     rollout_progress,
+    software_distributions,
     verify_message,
 )
 
@@ -50,6 +51,15 @@ def test_a_versions_link_lists_exactly_the_accepted_devices_that_report_it() -> 
     assert evaluate(node, DeviceView("a", "accepted", True, attrs={"os_version": odd}))
     assert not evaluate(node, DeviceView("b", "pending", True, attrs={"os_version": odd}))
     assert not evaluate(node, DeviceView("c", "accepted", True, attrs={"os_version": "v1"}))
+
+
+def test_the_software_the_fleet_runs_by_component() -> None:
+    counts = {"corral-agent": {"0.1": 9}, "app.b": {"1": 1, "2": 2}, "app.a": {"1": 3}, "rootfs": {"r1": 1},
+              "app.none": {}}
+    rows = software_distributions(counts, shown=2)
+    assert [r["component"] for r in rows] == ["app.a", "app.b"]  # most devices first; the agent has its own table
+    assert [(v["version"], v["count"], v["href"]) for v in rows[1]["versions"]] == [("2", 2, ""), ("1", 1, "")]
+    assert software_distributions({}) == []
 
 
 def test_a_rollouts_progress_counts_devices_whose_part_is_over() -> None:

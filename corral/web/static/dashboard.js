@@ -30,6 +30,14 @@ function versionRow(v) {
             el("td", {class: "share"}, bar, " ", el("span", {}, `${v.percent}%`)));
 }
 
+function versionsTable(id, caption, rows) {
+  const head = el("tr", {}, el("th", {scope: "col"}, "Version"), el("th", {scope: "col", class: "num"}, "Devices"),
+                  el("th", {scope: "col"}, el("span", {class: "visually-hidden"}, "Share")));
+  const table = el("table", {class: "versions", id}, el("caption", {}, caption), el("thead", {}, head),
+                   el("tbody", {}, ...rows.map(versionRow)));
+  return el("div", {class: "table-wrap"}, table);
+}
+
 function alertItem(a) {
   const item = el("li", {}, el("a", {href: "/alerts"}, a.alert), " ",
                   el("span", {class: a.severity === "critical" ? "badge crit" : "badge warn"}, a.severity), " ",
@@ -50,6 +58,16 @@ function rolloutRow(r) {
     el("td", {class: "share"}, bar, " ", el("span", {}, counts)));
 }
 
+// A section is rebuilt only when its own data changed, so that a link the keyboard is on keeps its
+// focus while other figures move.
+const shown = new Map();
+function changed(key, value) {
+  const text = JSON.stringify(value);
+  if (shown.get(key) === text) return false;
+  shown.set(key, text);
+  return true;
+}
+
 function show(state) {
   setText("fig-online", state.online);
   setText("fig-offline", state.offline);
@@ -57,12 +75,24 @@ function show(state) {
   setText("fig-firing", state.firing);
   setText("fig-points", state.points_per_minute);
   document.getElementById("fig-firing-box").classList.toggle("firing", state.firing > 0);
-  fillBody(document.getElementById("agent-versions"), state.agent_versions, "No devices yet.", 3, versionRow);
-  fillBody(document.getElementById("os-versions"), state.os_versions, "No devices yet.", 3, versionRow);
-  const alerts = document.getElementById("alerts-list");
-  alerts.replaceChildren(...(state.alerts.length ? state.alerts.map(alertItem)
-    : [el("li", {class: "muted"}, "No alert is firing.")]));
-  fillBody(document.getElementById("rollouts"), state.rollouts, "No rollout is running.", 5, rolloutRow);
+  if (changed("agent", state.agent_versions)) {
+    fillBody(document.getElementById("agent-versions"), state.agent_versions, "No devices yet.", 3, versionRow);
+  }
+  if (changed("os", state.os_versions)) {
+    fillBody(document.getElementById("os-versions"), state.os_versions, "No devices yet.", 3, versionRow);
+  }
+  if (changed("software", state.software)) {
+    document.getElementById("software").replaceChildren(
+      ...state.software.map((s, i) => versionsTable(`software-${i + 1}`, s.component, s.versions)));
+  }
+  if (changed("alerts", state.alerts)) {
+    const alerts = document.getElementById("alerts-list");
+    alerts.replaceChildren(...(state.alerts.length ? state.alerts.map(alertItem)
+      : [el("li", {class: "muted"}, "No alert is firing.")]));
+  }
+  if (changed("rollouts", state.rollouts)) {
+    fillBody(document.getElementById("rollouts"), state.rollouts, "No rollout is running.", 5, rolloutRow);
+  }
 }
 
 function say(text, kind) {
