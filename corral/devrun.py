@@ -1,6 +1,8 @@
 """``make run``: the server on SQLite under ./corral-data with a simulated fleet of 50 devices
-in 3 sites and 2 hardware models. Ctrl-C stops everything; running it again reuses the data
-(the same devices come back with the same identities)."""
+in 3 sites and 2 hardware models, and one real agent on this machine (tag ``name=this-machine``:
+simulated devices have no shell, so this is the device whose terminal, files and metrics are
+real; ``CORRAL_LOCAL_AGENT=0`` leaves it out). Ctrl-C stops everything; running it again reuses
+the data (the same devices come back with the same identities)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ SITES = ("berlin", "lisbon", "osaka")
 DEVICES = int(os.environ.get("CORRAL_SIM_DEVICES", "50"))
 #: more `corral sim` options (tests make the fleet report faster: --telemetry-interval 1)
 SIM_ARGS = shlex.split(os.environ.get("CORRAL_SIM_ARGS", ""))
+LOCAL_AGENT = os.environ.get("CORRAL_LOCAL_AGENT", "1") != "0"
+LOCAL_AGENT_NAME = "this-machine"
 
 
 def _write_private(path: Path, doc: object) -> None:
@@ -71,6 +75,27 @@ def _demo_setup(url: str, token: str) -> list[str]:
     return tokens
 
 
+def _local_agent(url: str, token: str, corral: list[str]) -> list[str]:
+    """The command of the real agent on this machine (its enrollment token made once). Its files
+    go to DATA/agent/files only; its shell is the user's own, reachable by the console's admin."""
+    path = DATA / "demo-agent-token.json"
+    if path.exists():
+        enroll = str(json.loads(path.read_text()))
+    else:
+        with httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+            r = c.post("/enrollment-tokens", json={"tags": {"name": LOCAL_AGENT_NAME},
+                                                   "description": "make run: the agent on this machine"})
+            r.raise_for_status()
+            enroll = r.json()["token"]
+        _write_private(path, enroll)
+    state = DATA / "agent"
+    (state / "files").mkdir(parents=True, exist_ok=True)
+    config = DATA / "agent.toml"
+    config.write_text(f"[remote]\ndirs = [{json.dumps(str((state / 'files').resolve()))}]\n")
+    return [*corral, "agent", "--server", url, "--state-dir", str(state), "--enroll-token", enroll,
+            "--config", str(config)]
+
+
 def _interrupt(_sig: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -98,6 +123,8 @@ def main() -> None:
             sim_cmd += ["--enroll-token", t]
         sim_cmd += SIM_ARGS
         procs.append(subprocess.Popen(sim_cmd))
+        if LOCAL_AGENT and creds:
+            procs.append(subprocess.Popen(_local_agent(url, creds["api_token"], corral)))
         print("\n" + "=" * 64)
         print(f"  Corral is running: {url}")
         if creds:
@@ -105,6 +132,9 @@ def main() -> None:
             print(f"  admin password: {creds['admin_password']}")
             print(f"  CLI:  corral login --server {url} --user {creds['admin_user']}")
         print(f"  {DEVICES} simulated devices in {', '.join(SITES)}; data in {DATA}/")
+        if LOCAL_AGENT and creds:
+            print(f"  and a real agent on this machine (tag name={LOCAL_AGENT_NAME}): its terminal, file")
+            print("  transfer and metrics are real (the simulated devices have no shell)")
         print("  live metrics: corral metrics query --metric cpu.percent --by tag.site --since 15m")
         print("  the fleet:    corral overview")
         print("  Ctrl-C stops everything.")

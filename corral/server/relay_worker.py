@@ -58,6 +58,8 @@ CONTROL_MAX = 64 * 1024
 #: a side's socket buffer beyond which the other side is no longer read
 WRITE_HIGH = 256 * 1024
 CLOSE_TOO_BIG = 1009
+#: how long a side that was sent a close frame has to answer it before its socket is dropped
+CLOSE_WAIT = 5.0
 
 
 def error_text(message: str) -> str:
@@ -170,6 +172,7 @@ class End(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.closing.discard(self)
         if not self.session.done:
             self.worker.finish(self.session, "closed", self.gone())
 
@@ -263,11 +266,22 @@ class End(asyncio.Protocol):
             self.flush()
 
     def close(self, code: int, reason: str = "") -> None:
+        """Send the close frame, then keep reading (and dropping) what the peer still sends until
+        its close reply, for :data:`CLOSE_WAIT` seconds at most. Closing the socket at once, with
+        the peer's data unread, would make the kernel reset the connection, and the reset can
+        overtake the last words (the reason, the close frame) on their way to the peer."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
         if self.ws.state is State.OPEN:
             self.ws.send_close(code, reason[:120])
             self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        if transport.is_closing():  # the handshake was already over (flush closed it)
+            return
+        self.blocked, self.early = 0, None
+        transport.resume_reading()
+        self.worker.closing.add(self)
+        self.worker.loop.call_later(CLOSE_WAIT, transport.abort)
 
 
 def record_control(cast: Asciicast, text: bytes) -> None:
@@ -285,6 +299,8 @@ class Worker:
         self.link = link
         self.loop = asyncio.get_running_loop()
         self.sessions: dict[str, Session] = {}
+        #: ends that were sent a close frame and wait for the reply (CLOSE_WAIT at most)
+        self.closing: set[End] = set()
         self.backlog: list[bytes] = []
         self.stopped = self.loop.create_future()
 
@@ -403,6 +419,12 @@ class Worker:
                      "to_device": session.to_device, "from_device": session.from_device,
                      "recorded": session.cast is not None})
 
+    def drop_closing(self) -> None:
+        """Drop the connections still waiting for their close reply (this process is ending)."""
+        for end in list(self.closing):
+            if end.transport is not None:
+                end.transport.abort()
+
     def stop(self, reason: str) -> None:
         for session in list(self.sessions.values()):
             self.finish(session, "closed", reason, code=1001)
@@ -418,6 +440,7 @@ async def serve(fd: int) -> None:
     await worker.stopped
     await asyncio.sleep(0.2)  # let the last close frames and reports go out
     worker.send_backlog()
+    worker.drop_closing()
 
 
 def main(argv: Iterable[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""`make run` (corral.devrun): server + simulated fleet, Ctrl-C stops all of it, a rerun reuses
-the data and the same devices come back."""
+"""`make run` (corral.devrun): server + simulated fleet + one real agent on this machine, Ctrl-C
+stops all of it, a rerun reuses the data and the same devices come back; the real agent's terminal
+works (the simulated devices have none)."""
 
 from __future__ import annotations
 
@@ -51,19 +52,31 @@ def test_make_run_starts_a_fleet_stops_cleanly_and_reuses_data(tmp_path: Path) -
     try:
         wait_until(lambda: (data / "demo-credentials.json").exists(), timeout=60, what="credentials")
         creds = json.loads((data / "demo-credentials.json").read_text())
-        devices = wait_until(lambda: (d := _devices(url, creds["api_token"])) and len(d) == 12
-                             and all(x["online"] and x["inventory"].get("model") for x in d) and d, timeout=90,
-                             what="12 devices online with their inventory")
+        everything = wait_until(lambda: (d := _devices(url, creds["api_token"])) and len(d) == 13
+                                and all(x["online"] for x in d)
+                                and all(x["inventory"].get("model") for x in d if "site" in x["tags"]) and d,
+                                timeout=90, what="12 simulated devices and the real agent online")
+        devices = [d for d in everything if "site" in d["tags"]]
+        (local,) = [d for d in everything if d["tags"].get("name") == "this-machine"]
+        # the real agent's shell, through the server (what the console's terminal page opens)
+        env = {**os.environ, "CORRAL_SERVER": url, "CORRAL_TOKEN": creds["api_token"],
+               "XDG_CONFIG_HOME": str(tmp_path / "cli")}
+        shell = subprocess.run([sys.executable, "-m", "corral", "terminal", local["id"]], env=env, timeout=60,
+                               input="echo hi-from-$((6*7))\nexit 3\n", capture_output=True, text=True)
         # live metrics per site and per device (the simulated devices report every 10 s)
-        by_site = wait_until(lambda: len(_query(url, creds["api_token"], by="tag.site")) == 3, timeout=60,
-                             what="cpu.percent per site") and _query(url, creds["api_token"], by="tag.site")
+        def sites() -> list[dict]:  # the real agent has no site: its series is keyed None
+            return [x for x in _query(url, creds["api_token"], by="tag.site") if x["key"]["tag.site"]]
+
+        by_site = wait_until(lambda: len(sites()) == 3 and sites(), timeout=60, what="cpu.percent per site")
         one = _query(url, creds["api_token"], device=devices[0]["id"])
         alerts = httpx.get(f"{url}/api/v1/alerts", headers={"Authorization": f"Bearer {creds['api_token']}"},
                            timeout=5).json()["items"]
     finally:
         out = _ctrl_c(proc)
     assert proc.returncode == 0, out
-    assert url in out and creds["admin_password"] in out
+    assert url in out and creds["admin_password"] in out and "a real agent on this machine" in out
+    assert shell.returncode == 3 and "hi-from-42" in shell.stdout, (shell.returncode, shell.stdout, shell.stderr)
+    assert len(devices) == 12
     assert {s["key"]["tag.site"] for s in by_site} == {"berlin", "lisbon", "osaka"}
     assert all(0 <= v <= 100 for s in by_site for _, v in s["points"])
     assert len(one) == 1 and one[0]["points"]
@@ -80,12 +93,12 @@ def test_make_run_starts_a_fleet_stops_cleanly_and_reuses_data(tmp_path: Path) -
 
     proc = _start(data, port)
     try:
-        again = wait_until(lambda: (d := _devices(url, creds["api_token"])) and len(d) == 12
+        again = wait_until(lambda: (d := _devices(url, creds["api_token"])) and len(d) == 13
                            and all(x["online"] for x in d) and d, timeout=90, what="the same fleet back")
     finally:
         out = _ctrl_c(proc)
     assert proc.returncode == 0, out
-    assert sorted(d["id"] for d in again) == sorted(d["id"] for d in devices)
+    assert sorted(d["id"] for d in again) == sorted(d["id"] for d in everything)
     assert creds["admin_password"] in out  # the same admin, printed again
 
 
@@ -99,7 +112,8 @@ def test_the_readme_rollout_demo_on_the_make_run_fleet(tmp_path: Path) -> None:
     try:
         wait_until(lambda: (data / "demo-credentials.json").exists(), timeout=60, what="credentials")
         creds = json.loads((data / "demo-credentials.json").read_text())
-        wait_until(lambda: len(_devices(url, creds["api_token"])) == 30, timeout=90, what="30 devices")
+        wait_until(lambda: len(_devices(url, creds["api_token"])) == 31, timeout=90,
+                   what="30 simulated devices and the real agent")
         env = {**os.environ, "CORRAL_SERVER": url, "CORRAL_TOKEN": creds["api_token"],
                "XDG_CONFIG_HOME": str(tmp_path / "cli"), "COLUMNS": "200"}
 

@@ -8,6 +8,7 @@ read (bounded buffers); the server going away closes every session."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from typing import Any
@@ -63,6 +64,7 @@ class Harness:
         raise AssertionError("no report from the relay worker")
 
     def close(self) -> None:
+        self.worker.drop_closing()
         self.listener.close()
         self.server_end.close()
         link = self.worker.link
@@ -117,6 +119,7 @@ def test_what_the_operator_sends_before_the_device_arrives_is_relayed_and_fragme
         finally:
             h.worker.stop("test over")
             h.close()
+            await asyncio.sleep(0.05)  # the dropped connections' callbacks
 
     run(go())
 
@@ -136,6 +139,7 @@ def test_a_message_over_the_limit_closes_both_sides_with_1009() -> None:
         finally:
             h.worker.stop("test over")
             h.close()
+            await asyncio.sleep(0.05)  # the dropped connections' callbacks
 
     run(go())
 
@@ -163,6 +167,7 @@ def test_a_refusal_and_an_admins_end_are_told_to_the_operator() -> None:
         finally:
             h.worker.stop("test over")
             h.close()
+            await asyncio.sleep(0.05)  # the dropped connections' callbacks
 
     run(go())
 
@@ -193,6 +198,7 @@ def test_a_device_that_does_not_read_stops_the_operator_being_read() -> None:
         finally:
             h.worker.stop("test over")
             h.close()
+            await asyncio.sleep(0.05)  # the dropped connections' callbacks
 
     run(go())
 
@@ -209,5 +215,42 @@ def test_the_server_going_away_closes_every_session() -> None:
             assert h.worker.stopped.done() and h.worker.sessions == {}
         finally:
             h.close()
+            await asyncio.sleep(0.05)
+
+    run(go())
+
+
+def test_an_operator_still_sending_when_the_session_ends_gets_its_reason_and_close_frame() -> None:
+    """The relay keeps reading after its close frame: a reset (unread data at close) would
+    overtake the reason and the close frame on their way to an operator that is still sending."""
+    async def go() -> None:
+        h = Harness()
+        try:
+            for sid in ("s7", "s8", "s9"):
+                op = await h.handover(sid, "operator")
+                dev = await h.handover(sid, "device")
+                dev.transport.pause_reading()  # the device reads nothing: the operator's data piles up
+                stop = asyncio.Event()
+
+                async def flood(ws: ClientConnection = op, done: asyncio.Event = stop) -> None:
+                    with contextlib.suppress(ConnectionClosed):
+                        while not done.is_set():
+                            await ws.send(b"z" * 65536)
+
+                pusher = asyncio.create_task(flood())
+                await asyncio.sleep(0.3)
+                h.send({"op": "end", "sid": sid, "status": "ended", "reason": "ended by an administrator"})
+                messages, code = await drain_error(op)
+                stop.set()
+                await pusher
+                assert code == 1000, (sid, code)
+                assert [json.loads(m)["message"] for m in messages if isinstance(m, str)] == \
+                    ["ended by an administrator"], sid
+                assert (await h.report())["status"] == "ended"
+                dev.transport.abort()  # it never read: its close handshake cannot finish
+        finally:
+            h.worker.stop("test over")
+            h.close()
+            await asyncio.sleep(0.05)  # the dropped connections' callbacks
 
     run(go())
