@@ -19,7 +19,7 @@ import datetime as dt
 import hmac
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -383,6 +383,19 @@ async def device_tags_form(request: Request, ctx: Ctx, device_id: str) -> Respon
     return RedirectResponse(f"/devices/{quote(device_id, safe='')}#tags-h", status_code=303)
 
 
+def still_signed_in(request: Request, ctx: ServerContext) -> Callable[[], Awaitable[bool]]:
+    """For a live stream: whether its viewer's login still holds (re-checked each interval, so a
+    logout or a revoked token ends the stream; the token cache bounds the cost)."""
+    async def check() -> bool:
+        try:
+            await principal_of(request, ctx)
+        except CorralError:
+            return False
+        return True
+
+    return check
+
+
 @router.get("/devices/{device_id}/live")
 async def device_live(request: Request, ctx: Ctx, who: Who, device_id: str) -> Response:
     """The device's presence as server-sent events (corral.server.live): online, last seen."""
@@ -396,7 +409,7 @@ async def device_live(request: Request, ctx: Ctx, who: Who, device_id: str) -> R
         return {"online": bool(d.online), "status": d.status, "last_seen": iso(d.last_seen),
                 "last_seen_text": when(d.last_seen)}
 
-    return sse(request, snapshot)
+    return sse(request, snapshot, allowed=still_signed_in(request, ctx))
 
 
 @router.get("/devices/{device_id}/web-ui")

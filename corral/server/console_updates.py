@@ -32,7 +32,7 @@ from corral.server.api import webhooks as api_webhooks
 from corral.server.api.deps import Ctx, PageParams, decode_cursor
 from corral.server.api.errors import status_for
 from corral.server.auth import Principal
-from corral.server.console import ConsoleRoute, Who, form_principal, read_form, render
+from corral.server.console import ConsoleRoute, Who, form_principal, read_form, render, still_signed_in
 from corral.server.console_updates_forms import (
     ROLLOUT_FIELDS,
     Errors,
@@ -238,7 +238,7 @@ async def rollout_live(request: Request, ctx: Ctx, who: Who, rollout_id: str, cu
     async def snapshot() -> Any:
         return await rollout_state(ctx, who, rollout_id, cursor)
 
-    return sse(request, snapshot, interval=LIVE_INTERVAL)
+    return sse(request, snapshot, interval=LIVE_INTERVAL, allowed=still_signed_in(request, ctx))
 
 
 @router.post("/rollouts/{rollout_id}/{action}")
@@ -326,7 +326,7 @@ async def alert_live(request: Request, ctx: Ctx, who: Who, ref: str) -> Response
     async def snapshot() -> Any:
         return await alert_state(ctx, who, alert_id)
 
-    return sse(request, snapshot, interval=LIVE_INTERVAL)
+    return sse(request, snapshot, interval=LIVE_INTERVAL, allowed=still_signed_in(request, ctx))
 
 
 @router.post("/alerts/{ref}/{action}")

@@ -32,14 +32,18 @@ def event(data: Any, name: str = "state") -> bytes:
 
 
 async def changes(snapshot: Snapshot, interval: float, max_seconds: float,
-                  disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[bytes]:
+                  disconnected: Callable[[], Awaitable[bool]],
+                  allowed: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[bytes]:
     """The events of one stream: the state at once, then each time it differs from the last sent,
-    and a comment every 15 s so that proxies keep the connection."""
+    and a comment every 15 s so that proxies keep the connection. The stream ends as soon as
+    ``allowed`` says no (the viewer logged out, lost the role): its reconnect then meets the login."""
     yield f"retry: {RETRY_MS}\n\n".encode()
     last: Any = object()
     deadline = time.monotonic() + max_seconds
     quiet_since = time.monotonic()
     while time.monotonic() < deadline and not await disconnected():
+        if allowed is not None and not await allowed():
+            return
         state = await snapshot()
         if state != last:
             last = state
@@ -51,8 +55,9 @@ async def changes(snapshot: Snapshot, interval: float, max_seconds: float,
         await asyncio.sleep(interval)
 
 
-def sse(request: Request, snapshot: Snapshot, interval: float = 1.0, max_seconds: float = 300.0) -> StreamingResponse:
+def sse(request: Request, snapshot: Snapshot, interval: float = 1.0, max_seconds: float = 300.0,
+        allowed: Callable[[], Awaitable[bool]] | None = None) -> StreamingResponse:
     """A ``text/event-stream`` response of ``snapshot``'s changes (see :func:`changes`)."""
-    return StreamingResponse(changes(snapshot, interval, max_seconds, request.is_disconnected),
+    return StreamingResponse(changes(snapshot, interval, max_seconds, request.is_disconnected, allowed),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -49,3 +49,22 @@ def test_a_stream_ends_at_its_deadline() -> None:
 
 def test_an_event_is_one_line_of_json() -> None:
     assert event({"a": "x\ny"}, "rollout") == b'event: rollout\ndata: {"a":"x\\ny"}\n\n'
+
+
+def test_a_stream_ends_when_its_viewer_is_no_longer_allowed() -> None:
+    answers = iter([True, True, False])
+    states = iter([{"n": 1}, {"n": 2}, {"n": 3}])
+
+    async def snapshot() -> object:
+        return next(states)
+
+    async def here() -> bool:
+        return False
+
+    async def allowed() -> bool:
+        return next(answers)
+
+    async def go() -> list[bytes]:
+        return [c async for c in changes(snapshot, 0, 60, here, allowed)]
+
+    assert parse(asyncio.run(go())) == [{"n": 1}, {"n": 2}]
