@@ -373,14 +373,19 @@ async def device_tags_form(request: Request, ctx: Ctx, device_id: str) -> Respon
     a refusal is shown on the page with the form as it was sent."""
     form = await read_form(request)
     who = await form_principal(request, ctx, form)
-    if not who.has_role("operator"):
-        raise Forbidden(f"changing tags needs the operator role; {who.name} is {who.role}")
+    require_role(who, "operator", "changing tags")
     try:
         tags, remove = console_device.tag_change(form)
         await change_tags(device_id[:64], TagChange(set=tags, remove=remove), ctx, who, request)
     except InvalidInput as e:
         return await device_view(request, ctx, who, device_id, status=400, tag_error=e.detail, tag_form=form)
     return RedirectResponse(f"/devices/{quote(device_id, safe='')}#tags-h", status_code=303)
+
+
+def require_role(who: Principal, role: str, what: str) -> None:
+    """What an API route's role dependency checks, for a console form that calls its function."""
+    if not who.has_role(role):
+        raise Forbidden(f"{what} needs the {role} role; {who.name} is {who.role}")
 
 
 def still_signed_in(request: Request, ctx: ServerContext) -> Callable[[], Awaitable[bool]]:

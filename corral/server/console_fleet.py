@@ -29,7 +29,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.core.rollout_plan import ACTIVE_STATUSES, DONE
-from corral.errors import Conflict, CorralError, Forbidden, InvalidInput, NotFound
+from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.selectors import Compare, Field, Str, unparse
 from corral.server.api import audit as audit_api
 from corral.server.api import groups as groups_api
@@ -37,7 +37,7 @@ from corral.server.api import monitoring
 from corral.server.api.deps import Ctx, PageParams, decode_cursor, principal_of
 from corral.server.api.errors import status_for
 from corral.server.auth import Principal
-from corral.server.console import ConsoleRoute, Who, device_name, form_principal, read_form, render
+from corral.server.console import ConsoleRoute, Who, device_name, form_principal, read_form, render, require_role
 from corral.server.context import ServerContext
 from corral.server.live import sse
 from corral.server.store.models import AlertInstance, Artifact, Deployment, Rollout
@@ -69,12 +69,6 @@ Cursor = Annotated[str | None, Query(max_length=512)]
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
 #: the live stream answers a missing login with a 401 (an EventSource cannot follow a login page)
 live_router = APIRouter(include_in_schema=False)
-
-
-def require_role(who: Principal, role: str, what: str) -> None:
-    """What the API route's role dependency checks, for a console form calling its function."""
-    if not who.has_role(role):
-        raise Forbidden(f"{what} needs the {role} role; {who.name} is {who.role}")
 
 
 # --- pure: the dashboard's figures ---------------------------------------------------------------

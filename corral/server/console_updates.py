@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from corral.core.rollout_spec import parse_waves
-from corral.errors import Conflict, CorralError, Forbidden, InvalidInput, NotFound
+from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.selectors import parse as parse_selector
 from corral.server.api import alerts as api_alerts
 from corral.server.api import rollouts as api_rollouts
@@ -32,7 +32,15 @@ from corral.server.api import webhooks as api_webhooks
 from corral.server.api.deps import Ctx, PageParams, decode_cursor
 from corral.server.api.errors import status_for
 from corral.server.auth import Principal
-from corral.server.console import ConsoleRoute, Who, form_principal, read_form, render, still_signed_in
+from corral.server.console import (
+    ConsoleRoute,
+    Who,
+    form_principal,
+    read_form,
+    render,
+    require_role,
+    still_signed_in,
+)
 from corral.server.console_updates_forms import (
     ROLLOUT_FIELDS,
     Errors,
@@ -68,12 +76,6 @@ WEBHOOKS_PER_PAGE = 100
 DELIVERIES_PER_PAGE = 50
 DEFAULT_WAVES = "1%,10%,50%,100%"
 LIVE_INTERVAL = 1.0
-
-
-def need(who: Principal, role: str, what: str) -> None:
-    """The API's role check, for a page's action (the API's dependency is not in the way here)."""
-    if not who.has_role(role):
-        raise Forbidden(f"{what} needs the {role} role; {who.name} is {who.role}")
 
 
 async def submitted(call: Callable[[], Awaitable[T]], what: str,
@@ -138,7 +140,7 @@ FORM_DEFAULTS = {"waves": DEFAULT_WAVES, "install_gate": "on", "max_failure_rate
 @router.get("/rollouts/new")
 async def rollout_form(request: Request, ctx: Ctx, who: Who,
                        artifact: Annotated[str, Query(max_length=140)] = "") -> Response:
-    need(who, "operator", "creating a rollout")
+    require_role(who, "operator", "creating a rollout")
     return new_rollout_page(request, who, await artifact_refs(ctx), {**FORM_DEFAULTS, "artifact": artifact}, {})
 
 
@@ -146,7 +148,7 @@ async def rollout_form(request: Request, ctx: Ctx, who: Who,
 async def rollout_create(request: Request, ctx: Ctx, background: BackgroundTasks) -> Response:
     form = await read_form(request)
     who = await form_principal(request, ctx, form)
-    need(who, "operator", "creating a rollout")
+    require_role(who, "operator", "creating a rollout")
     body, errors = rollout_body(form)
     if not errors:
         created, errors = await submitted(lambda: api_rollouts.create_rollout(
@@ -247,7 +249,7 @@ async def rollout_action(request: Request, ctx: Ctx, rollout_id: str, action: st
     who = await form_principal(request, ctx, form)
     if action not in ("pause", "resume", "abort"):
         raise NotFound(f"no action {action!r} on a rollout")
-    need(who, "operator", f"{action[:-1] if action.endswith('e') else action}ing a rollout")
+    require_role(who, "operator", f"{action[:-1] if action.endswith('e') else action}ing a rollout")
     rollout_id = rollout_id[:64]
     try:
         if action == "pause":
@@ -290,7 +292,7 @@ async def alerts_page(request: Request, ctx: Ctx, who: Who, cursor: Cursor = Non
 async def alert_create(request: Request, ctx: Ctx) -> Response:
     form = await read_form(request)
     who = await form_principal(request, ctx, form)
-    need(who, "operator", "creating an alert")
+    require_role(who, "operator", "creating an alert")
     a, errors = await submitted(lambda: api_alerts.create_alert(
         api_alerts.AlertIn.model_validate(alert_body(form)), ctx, who, request), "alert",
         field_of=lambda e: "name" if isinstance(e, Conflict) else "")
@@ -335,7 +337,7 @@ async def alert_action(request: Request, ctx: Ctx, ref: str, action: str) -> Res
     who = await form_principal(request, ctx, form)
     if action not in ("enable", "disable", "delete"):
         raise NotFound(f"no action {action!r} on an alert")
-    need(who, "operator", f"{action[:-1]}ing an alert")
+    require_role(who, "operator", f"{action[:-1]}ing an alert")
     if action == "delete":
         await api_alerts.delete_alert(ref[:64], ctx, who, request)
         return RedirectResponse("/alerts", status_code=303)
@@ -349,7 +351,7 @@ async def alert_action(request: Request, ctx: Ctx, ref: str, action: str) -> Res
 async def webhooks_page_response(request: Request, ctx: ServerContext, who: Principal, cursor: str | None,
                                  form: dict[str, str] | None = None, errors: Errors | None = None,
                                  status: int = 200) -> Response:
-    need(who, "operator", "reading webhooks")
+    require_role(who, "operator", "reading webhooks")
     page = await api_webhooks.list_webhooks(ctx, who, PageParams(WEBHOOKS_PER_PAGE, cursor_of(cursor)))
     errors = errors or {}
     return render(request, "webhooks.html", who, status=status, hooks=page.items, next_cursor=page.next_cursor,
@@ -374,7 +376,7 @@ def webhook_field(e: CorralError) -> str:
 async def webhook_create(request: Request, ctx: Ctx) -> Response:
     form = await read_form(request)
     who = await form_principal(request, ctx, form)
-    need(who, "admin", "creating a webhook")
+    require_role(who, "admin", "creating a webhook")
     body = {"url": form.get("url", "").strip(), "events": webhook_events(form.get("events", "")),
             "description": form.get("description", "")}
     h, errors = await submitted(lambda: api_webhooks.create_webhook(
@@ -386,7 +388,7 @@ async def webhook_create(request: Request, ctx: Ctx) -> Response:
 
 @router.get("/webhooks/{webhook_id}")
 async def webhook_page(request: Request, ctx: Ctx, who: Who, webhook_id: str, cursor: Cursor = None) -> Response:
-    need(who, "operator", "reading webhooks")
+    require_role(who, "operator", "reading webhooks")
     h = await api_webhooks.show_webhook(webhook_id[:64], ctx, who)
     deliveries = await api_webhooks.list_deliveries(h.id, ctx, who, PageParams(DELIVERIES_PER_PAGE,
                                                                                 cursor_of(cursor)), None)
@@ -400,7 +402,7 @@ async def webhook_action(request: Request, ctx: Ctx, webhook_id: str, action: st
     who = await form_principal(request, ctx, form)
     if action not in ("enable", "disable", "delete", "test", "retry"):
         raise NotFound(f"no action {action!r} on a webhook")
-    need(who, "admin", f"changing webhooks ({action})")
+    require_role(who, "admin", f"changing webhooks ({action})")
     webhook_id = webhook_id[:64]
     if action == "delete":
         await api_webhooks.delete_webhook(webhook_id, ctx, who, request)
