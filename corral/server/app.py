@@ -176,4 +176,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     from corral.server import console_updates
 
     app.include_router(console_updates.router)  # the console's rollouts, alerts and webhooks pages
+    from corral.server import console_artifacts
+
+    app.include_router(console_artifacts.router)  # the console's artifacts: list, upload, an artifact's page
     return app

@@ -93,6 +93,7 @@ NAV: tuple[NavItem, ...] = (
     NavItem("devices", "/devices", "Devices", lambda who: True),
     NavItem("groups", "/groups", "Groups", lambda who: True),
     NavItem("rollouts", "/rollouts", "Rollouts", lambda who: True),
+    NavItem("artifacts", "/artifacts", "Artifacts", lambda who: True),
     NavItem("alerts", "/alerts", "Alerts", lambda who: True),
     NavItem("webhooks", "/webhooks", "Webhooks", lambda who: who.has_role("operator")),
     NavItem("audit", "/audit", "Audit", lambda who: True),

@@ -17,6 +17,7 @@ from playwright.sync_api import Page, sync_playwright
 from websockets.sync.client import connect
 
 from tests.browser.conftest import CHROMIUM, PASSWORD, VIEWPORT, make_console_user
+from tests.browser.screenshots_artifacts import artifact_pages
 from tests.browser.screenshots_updates import update_pages
 from tests.conftest import AgentProc, ServerProc, start_agent, start_server, wait_until
 
@@ -62,7 +63,8 @@ def main(out: Path) -> None:
                                         or [{"points": []}])[0]["points"]) >= 5, timeout=120, what="a chart's points")
                 page.goto(f"{server.url}/devices/{dev}")
                 page.get_by_label("15 min").check()
-                page.wait_for_function("Number(document.getElementById('chart').dataset.points) >= 5")
+                wait_until(lambda: int(page.locator("#chart").get_attribute("data-points") or 0) >= 5,
+                           what="the chart drawn")  # not wait_for_function: the CSP has no unsafe-eval
                 page.screenshot(path=out / "device.png", full_page=True)
                 page.get_by_role("link", name="Terminal").click()
                 wait_until(lambda: page.get_by_role("status").inner_text().startswith("Connected"), what="connected")
@@ -92,6 +94,7 @@ def main(out: Path) -> None:
                 a.stop()
             server.stop()
     update_pages(out)  # rollouts, alerts and webhooks, with a fleet of simulated devices of their own
+    artifact_pages(out)  # the artifacts list (an upload through the page) and an artifact's page
 
 
 def fleet_pages(server: ServerProc, page: Page, agents: list[AgentProc], ids: list[str], out: Path) -> None:
