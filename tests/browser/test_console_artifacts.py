@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from corral.server.console_artifacts import ARTIFACTS_PER_PAGE
 from tests.browser.conftest import BrowserPage, browser_login, form_csrf
 from tests.browser.sim_site import Site, http_login, site, upload_app
 from tests.browser.test_console_browser import no_csp_trouble
@@ -203,8 +204,20 @@ def test_a_viewer_sees_no_upload_or_delete_and_a_forged_upload_is_refused(tab: B
     assert page.get_by_role("link", name="Artifacts", exact=True).get_attribute("aria-current") == "page"
     page.set_viewport_size({"width": 390, "height": 844})
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
-    page.get_by_role("link", name="seen@1.0.0", exact=True).click()
-    page.wait_for_url(fleet.url + "/artifacts/seen/1.0.0")
+    # paged, newest first: the 26th artifact is on the next page
+    for i in range(ARTIFACTS_PER_PAGE + 1 - len(before)):
+        upload_app(fleet.server, "filler", f"0.{i}")
+    page.reload()
+    newest = listed(fleet)
+    assert len(newest) == ARTIFACTS_PER_PAGE + 1 and newest[0] == f"filler@0.{len(newest) - len(before) - 1}"
+    shown = "rows => rows.map(r => r.dataset.ref)"
+    assert page.locator("tr[data-ref]").evaluate_all(shown) == newest[:ARTIFACTS_PER_PAGE]
+    page.get_by_role("link", name="Older artifacts").click()
+    page.wait_for_url(re.compile(r".*/artifacts\?cursor=.+"))
+    assert page.locator("tr[data-ref]").evaluate_all(shown) == [newest[-1]]
+    page.get_by_role("link", name="Newest artifacts").click()
+    page.wait_for_url(fleet.url + "/artifacts")
+    page.goto(fleet.url + "/artifacts/seen/1.0.0")
     assert page.locator("#components tbody tr").count() == 2
     assert [b.inner_text() for b in page.get_by_role("button").all()] == ["Log out", "Search"]
     no_csp_trouble(tab)
@@ -225,7 +238,7 @@ def test_a_viewer_sees_no_upload_or_delete_and_a_forged_upload_is_refused(tab: B
         assert r.status_code == 403 and "CSRF" in r.json()["detail"]
         r = olga.post("/artifacts/seen/1.0.0/delete", data={})
         assert r.status_code == 403 and "CSRF" in r.text
-        assert listed(fleet) == before
+        assert listed(fleet) == newest
     finally:
         vera.close()
         olga.close()
