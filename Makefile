@@ -48,7 +48,7 @@ typecheck: venv
 	$(BIN)/mypy corral
 
 test: lint typecheck browser
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=25
 
 bench: venv
 	$(BIN)/python -m bench
