@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any
 
+from playwright.sync_api import expect
+
 from tests.browser.conftest import SCRIPT_TAG, BrowserPage, Console, browser_login, record_a_session
 from tests.conftest import wait_until
 
@@ -162,7 +164,9 @@ def test_the_console_works_from_the_keyboard_at_phone_width(tab: BrowserPage, co
     page = tab.page
     page.set_viewport_size({"width": 390, "height": 844})
     page.goto(console.url + "/login")
-    page.keyboard.type("olga")  # the user name field has the focus
+    # the user name field takes the focus by itself (autofocus), once the browser gets to it
+    expect(page.locator("#user")).to_be_focused()
+    page.keyboard.type("olga")
     page.keyboard.press("Tab")
     page.keyboard.type(console.passwords["olga"])
     page.keyboard.press("Enter")
