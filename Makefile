@@ -47,8 +47,10 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy corral
 
+# Test files run two at a time (mostly waiting on real servers and agents); a file stays on one
+# worker so that its module-scoped servers are shared as written.
 test: lint typecheck browser
-	$(BIN)/pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25
 
 bench: venv
 	$(BIN)/python -m bench

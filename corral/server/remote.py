@@ -176,15 +176,19 @@ class Relay:
         await self._on_worker_lost("the server is stopping")  # any the worker did not report
 
     async def _on_worker_report(self, doc: dict[str, Any]) -> None:
+        if doc.get("op") != "closed":
+            return
         s = self.in_worker.pop(str(doc.get("sid")), None)
-        if s is None or doc.get("op") != "closed":
+        if s is None:
             return
         waiting = self.pending.get(s.id)
         if waiting is not None and not waiting.device.done():  # it ended before its device came
             waiting.device.set_exception(_Gone())
+        # a terminal's recording is kept even when the worker died before saying so
+        cast = f"{s.id}.cast"
+        recorded = bool(doc.get("recorded")) or (s.kind == "terminal" and (recordings_dir(self.ctx) / cast).exists())
         await self._finish(s, str(doc.get("status", "closed")), str(doc.get("reason", "")),
-                           int(doc.get("to_device", 0)), int(doc.get("from_device", 0)),
-                           f"{s.id}.cast" if doc.get("recorded") else None)
+                           int(doc.get("to_device", 0)), int(doc.get("from_device", 0)), cast if recorded else None)
 
     async def _on_worker_lost(self, reason: str = "the relay worker stopped unexpectedly") -> None:
         for sid in list(self.in_worker):
